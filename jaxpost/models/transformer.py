@@ -1,0 +1,220 @@
+"""The decoder forward pass as a pure function of (config, params, tokens).
+
+    out = forward(config, params, tokens_BxT)
+    out.logits            [B, T, V] float32
+    out.final_hidden      [B, T, D] after the final norm (input of the LM head)
+    out.hidden_states     [L + 1, B, T, D] embeddings and every layer's output
+                          (only with `return_hidden_states=True`, else None)
+    out.cache             the updated KVCache when one was given
+
+Layers run under one `lax.scan` over the stacked layer parameters, so compile time does not
+grow with depth. Sliding-window and full-attention layers (Gemma 2/3) share the scanned body:
+both masks and both RoPE tables are built once and each layer selects its own by a flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxpost.models.attention import KVCache, attend, attention_mask
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.rope import apply_rope, rope_tables
+
+
+@struct.dataclass
+class Output:
+  logits: jax.Array | None
+  final_hidden: jax.Array
+  hidden_states: jax.Array | None = None
+  cache: KVCache | None = None
+
+
+def _lead(w, x):
+  """`w` with leading unit axes to the rank of `x` (explicit broadcasting, no rank promotion)."""
+  return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
+def rms_norm(config: ModelConfig, x, weight):
+  """RMSNorm in float32; Gemma scales by (1 + w) before casting, others cast then scale by w."""
+  weight = _lead(weight, x)
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.rms_norm_eps)
+  if config.norm_plus_one:
+    return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+  return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _activation(config: ModelConfig, x):
+  if config.activation == "gelu_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
+
+
+def mlp(config: ModelConfig, p, x_BxTxD):
+  gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["gate"])
+  up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["up"])
+  if config.mlp_bias:
+    gate_BxTxF = gate_BxTxF + _lead(p["gate_bias"], gate_BxTxF)
+    up_BxTxF = up_BxTxF + _lead(p["up_bias"], up_BxTxF)
+  out_BxTxD = jnp.einsum("btf,fd->btd", _activation(config, gate_BxTxF) * up_BxTxF, p["down"])
+  if config.mlp_bias:
+    out_BxTxD = out_BxTxD + _lead(p["down_bias"], out_BxTxD)
+  return out_BxTxD
+
+
+def _project_qkv(config: ModelConfig, p, x_BxTxD):
+  q = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["q"])
+  k = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["k"])
+  v = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["v"])
+  if config.qkv_bias:
+    q, k, v = q + _lead(p["q_bias"], q), k + _lead(p["k_bias"], k), v + _lead(p["v_bias"], v)
+  if config.qk_norm:
+    q, k = rms_norm(config, q, p["q_norm"]), rms_norm(config, k, p["k_norm"])
+  return q, k, v
+
+
+def _segment_positions(segment_ids_BxT):
+  """Positions that restart at 0 at every segment change and skip padding (segment 0)."""
+  valid = (segment_ids_BxT != 0).astype(jnp.int32)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], dtype=bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  idx_T = jnp.arange(segment_ids_BxT.shape[1], dtype=jnp.int32)
+  start_idx_BxT = jax.lax.cummax(jnp.where(starts, idx_T[None, :], 0), axis=1)
+  counted_BxT = jnp.cumsum(valid, axis=1)
+  before_start = jnp.take_along_axis(counted_BxT, start_idx_BxT, axis=1) - jnp.take_along_axis(
+      valid, start_idx_BxT, axis=1)
+  return jnp.maximum(counted_BxT - before_start - 1, 0)
+
+
+def forward(
+    config: ModelConfig,
+    params: dict,
+    tokens_BxT: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    compute_dtype: Any = None,
+    return_hidden_states: bool = False,
+    compute_logits: bool = True,
+    remat: bool = False,
+) -> Output:
+  """Runs the decoder.
+
+  Args:
+    tokens_BxT: int token ids.
+    positions: RoPE positions [B, T]. Default: restart at 0 for every segment (packed rows)
+      and skip padding; with a cache, continue from `cache.next_pos`.
+    segment_ids: [B, T] ints; tokens attend only within their own segment; 0 is padding.
+      Default: all ones (one sequence per row).
+    cache: a `KVCache` to read and extend (prefill or decode); the new tokens are written at
+      `cache.index` onward.
+    compute_dtype: dtype of activations and matmuls (parameters are cast to it); default the
+      parameters' dtype. Norms, softmax, RoPE and logits are always float32.
+    return_hidden_states: also return the embeddings and each layer's output.
+    compute_logits: False skips the LM head (a chunked loss can call `lm_head` itself).
+    remat: rematerialise each layer in the backward pass (saves activation memory).
+  """
+  c = config
+  B, T = tokens_BxT.shape
+  dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+  if segment_ids is None:
+    segment_ids = jnp.ones((B, T), jnp.int32)
+  segment_ids = segment_ids.astype(jnp.int32)
+  valid_BxT = segment_ids != 0
+
+  if cache is None:
+    if positions is None:
+      positions = _segment_positions(segment_ids)
+    q_slots_T = jnp.arange(T, dtype=jnp.int32)
+    k_slots_S, k_seg_BxS = q_slots_T, segment_ids
+  else:
+    if positions is None:
+      positions = cache.next_pos[:, None] + jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1
+      positions = jnp.maximum(positions, 0)
+    q_slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+    k_slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+    k_seg_BxS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+  positions = positions.astype(jnp.int32)
+
+  full_mask = attention_mask(q_slots_T, k_slots_S, segment_ids, k_seg_BxS, None)
+  sliding_mask = attention_mask(q_slots_T, k_slots_S, segment_ids, k_seg_BxS, c.sliding_window)
+  full_rope = rope_tables(c.rope, c.head_dim, positions)
+  sliding_rope = rope_tables(c.rope_for_sliding, c.head_dim, positions)
+  uniform = len(set(c.layer_types)) == 1
+  is_sliding_L = jnp.asarray([t == "sliding" for t in c.layer_types])
+
+  def select(flag, when_sliding, when_full):
+    if uniform:
+      return when_sliding if c.layer_types[0] == "sliding" else when_full
+    return jax.tree.map(lambda s, f: jnp.where(flag, s, f), when_sliding, when_full)
+
+  def layer(x_BxTxD, xs):
+    lp, flag, k_cache, v_cache = xs
+    lp = jax.tree.map(lambda a: a.astype(dtype), lp)
+    mask = select(flag, sliding_mask, full_mask)
+    cos, sin = select(flag, sliding_rope, full_rope)
+    h = rms_norm(c, x_BxTxD, lp["attn_pre_norm"])
+    q, k, v = _project_qkv(c, lp["attn"], h)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if k_cache is not None:
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
+      k, v = k_cache.astype(dtype), v_cache.astype(dtype)
+    attn_BxTxHxDh = attend(c, q, k, v, mask)
+    out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxDh, lp["attn"]["o"])
+    if c.o_bias:
+      out = out + _lead(lp["attn"]["o_bias"], out)
+    if c.sandwich_norm:
+      out = rms_norm(c, out, lp["attn_post_norm"])
+    x_BxTxD = x_BxTxD + out
+    h = rms_norm(c, x_BxTxD, lp["mlp_pre_norm"])
+    out = mlp(c, lp["mlp"], h)
+    if c.sandwich_norm:
+      out = rms_norm(c, out, lp["mlp_post_norm"])
+    x_BxTxD = x_BxTxD + out
+    return x_BxTxD, (x_BxTxD if return_hidden_states else None, k_cache, v_cache)
+
+  if remat:
+    layer = jax.checkpoint(layer, prevent_cse=False)
+
+  x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dtype)
+  if c.scale_embeddings:
+    x_BxTxD = x_BxTxD * jnp.asarray(c.embed_scale, dtype)
+  xs = (params["layers"], is_sliding_L,
+        cache.k if cache is not None else None, cache.v if cache is not None else None)
+  y_BxTxD, (layer_outs, new_k, new_v) = jax.lax.scan(layer, x_BxTxD, xs)
+
+  hidden_states = None
+  if return_hidden_states:
+    hidden_states = jnp.concatenate([x_BxTxD[None], layer_outs], axis=0)
+  final_BxTxD = rms_norm(c, y_BxTxD, params["final_norm"].astype(dtype))
+  logits = lm_head(c, params, final_BxTxD) if compute_logits else None
+
+  new_cache = None
+  if cache is not None:
+    new_pos = jnp.where(valid_BxT, positions + 1, 0).max(axis=1)
+    new_cache = KVCache(k=new_k, v=new_v, segment_ids=k_seg_BxS,
+                        next_pos=jnp.maximum(cache.next_pos, new_pos), index=cache.index + T)
+  return Output(logits=logits, final_hidden=final_BxTxD, hidden_states=hidden_states,
+                cache=new_cache)
+
+
+def lm_head_weight(config: ModelConfig, params: dict) -> jax.Array:
+  """The [D, V] output projection (the transposed embedding when tied)."""
+  return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def lm_head(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array) -> jax.Array:
+  """Logits [B, T, V] in float32 from final hidden states, with Gemma 2's final soft-cap."""
+  w_DxV = lm_head_weight(config, params).astype(hidden_BxTxD.dtype)
+  logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+  if config.final_logit_softcap:
+    cap = config.final_logit_softcap
+    logits = jnp.tanh(logits / cap) * cap
+  return logits

@@ -1,0 +1,70 @@
+"""Logical axis names -> mesh axes: one ordered rules table decides how everything is sharded.
+
+Every parameter names its logical axes (see `jaxpost.models.params`). A rules table maps each
+logical name to a mesh axis (or a tuple of them, or None for replicated). A mapping is skipped
+for a dimension it does not divide, or when the mesh axis is already used by an earlier
+dimension of the same array, so any model shards over any mesh without special cases.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Fully-sharded data parallel over `fsdp` (parameters split along the embedding axis) and
+# Megatron-style tensor parallelism over `tensor` (heads and MLP columns).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("seq", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh. Axis types are Auto: shardings are given explicitly at the jit
+  boundary and XLA propagates them inside (jax 0.10's `jax.make_mesh` defaults to Explicit)."""
+  devices = jax.devices() if devices is None else devices
+  need = data * fsdp * tensor
+  if need != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {need} devices, "
+                     f"but {len(devices)} are available")
+  arr = np.asarray(devices).reshape(data, fsdp, tensor)
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  return Mesh(arr, MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> PartitionSpec:
+  """The PartitionSpec of an array with logical `axes` and `shape` under `rules` on `mesh`."""
+  table: Mapping[str, object] = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(axes, shape):
+    target = table.get(name) if name is not None else None
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used)
+    size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+    if not mesh_axes or size == 1 or dim % size:
+      out.append(None)
+      continue
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return PartitionSpec(*out)
+
+
+def param_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of logical-axes tuples and a matching tree of shapes."""
+  return jax.tree.map(
+      lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
+      axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
