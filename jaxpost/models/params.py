@@ -22,6 +22,7 @@ Layout (L layers, D hidden, H heads, K kv heads, Dh head_dim, F mlp, V vocab)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -120,21 +121,34 @@ _INITS: dict[str, Callable] = {
 }
 
 
-def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, *,
+                shardings=None) -> dict:
   """Random parameters for `config` (normal(0, 0.02) matrices, unit norms, zero biases).
 
-  Each leaf gets its own key, folded from `rng` by its position in the tree, so adding an
-  optional parameter does not change the values of the others' keys order-wise.
+  Each leaf's key is folded from `rng` by a hash of its path in the tree, so adding an optional
+  parameter leaves the others' values unchanged. Runs as one compiled function; `shardings`
+  (a matching tree of shardings) creates every array directly on its devices.
   """
+  return _init(config, jnp.dtype(dtype), shardings)(rng)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_uncached(config: ModelConfig, dtype):
   specs = param_specs(config)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=is_spec)[0]]
-  out = []
-  for path, spec in zip(paths, leaves):
-    key = jax.random.fold_in(rng, _stable_hash(path))
-    out.append(_INITS[spec.init](key, spec.shape, dtype))
-  return jax.tree.unflatten(treedef, out)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+
+  def init(rng):
+    out = []
+    for path, spec in flat:
+      key = jax.random.fold_in(rng, _stable_hash(jax.tree_util.keystr(path)))
+      out.append(_INITS[spec.init](key, spec.shape, dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  return init
+
+
+def _init(config, dtype, shardings):
+  return jax.jit(_init_uncached(config, dtype), out_shardings=shardings)
 
 
 def _stable_hash(s: str) -> int:

@@ -1,0 +1,177 @@
+"""Batched generation: prefill, then one compiled decode loop (`lax.while_loop`) on device.
+
+    out = generate(config, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, temperature=0.0)
+    out.tokens    [B, max_new_tokens] int32, `pad_id` after a row has ended
+    out.logprobs  [B, max_new_tokens] float32: log p(token) under the model's own distribution
+                  (raw logits, before temperature / top-k / top-p), 0 after a row has ended;
+                  these equal the training forward's log-probs for the same sequences, which is
+                  what RL needs for old-policy log-probs
+    out.lengths   [B] number of generated tokens, the stop token included
+
+Prompts of different lengths are left-padded (segment id 0) to a bucketed width, so a new
+prompt length only recompiles when it crosses a bucket. A row ends at its first stop token;
+the loop ends when every row has ended or `max_new_tokens` is reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxpost.models import ModelConfig, forward, init_cache, lm_head
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How the next token is drawn from logits. Hashable: it is a static argument of the loop.
+
+  temperature 0 is greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
+  smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019).
+  """
+
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  def filter_logits(self, logits_BxV: jax.Array) -> jax.Array:
+    """Tempered logits with tokens outside top-k / top-p set to -inf."""
+    logits = logits_BxV / self.temperature
+    if self.top_k is not None and self.top_k < logits.shape[-1]:
+      kth_B1 = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth_B1, -jnp.inf, logits)
+    if self.top_p is not None and self.top_p < 1.0:
+      sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+      probs = jax.nn.softmax(sorted_BxV, axis=-1)
+      before_BxV = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+      keep = before_BxV < self.top_p  # always keeps the first
+      threshold_B1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+      logits = jnp.where(logits < threshold_B1, -jnp.inf, logits)
+    return logits
+
+  def next_tokens(self, logits_BxV: jax.Array, rng: jax.Array) -> jax.Array:
+    if self.temperature == 0.0:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, self.filter_logits(logits_BxV), axis=-1).astype(jnp.int32)
+
+
+@struct.dataclass
+class GenerationOutput:
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int):
+  """Left-pads prompts to a width rounded up to `bucket`: (tokens, segment_ids), [B, P]."""
+  if not len(prompts) or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+  longest = max(len(p) for p in prompts)
+  width = -(-longest // bucket) * bucket
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  segments = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, width - len(p):] = np.asarray(p, np.int32)
+    segments[i, width - len(p):] = 1
+  return tokens, segments
+
+
+def generate(
+    config: ModelConfig,
+    params: dict,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | jax.Array = 0,
+    pad_id: int = 0,
+    compute_dtype=None,
+    cache_dtype=None,
+    prompt_bucket: int = 64,
+) -> GenerationOutput:
+  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
+
+  `seed` is an int or a JAX key. `temperature=0` is greedy. See the module docstring for the
+  outputs. Compiles once per (batch size, padded prompt width, max_new_tokens, sampler).
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  sampler = Sampler(temperature, top_k, top_p)
+  tokens, segments = pad_prompts(prompt_tokens, pad_id, prompt_bucket)
+  rng = jax.random.key(seed) if isinstance(seed, int) else seed
+  stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [-1], jnp.int32)
+  if cache_dtype is None:
+    cache_dtype = compute_dtype or params["embed"].dtype
+  return _generate(config, sampler, max_new_tokens, jnp.dtype(cache_dtype),
+                   None if compute_dtype is None else jnp.dtype(compute_dtype),
+                   params, jnp.asarray(tokens), jnp.asarray(segments), rng, stops,
+                   jnp.int32(pad_id))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate(config, sampler, max_new, cache_dtype, compute_dtype, params, tokens_BxP,
+              segments_BxP, rng, stops_S, pad_id):
+  B, P = tokens_BxP.shape
+  cache = init_cache(config, B, P + max_new, cache_dtype)
+  out = forward(config, params, tokens_BxP, segment_ids=segments_BxP, cache=cache,
+                compute_dtype=compute_dtype, compute_logits=False)
+  logits_BxV = lm_head(config, params, out.final_hidden[:, -1:])[:, 0]
+
+  def pick(logits_BxV, step):
+    token_B = sampler.next_tokens(logits_BxV, jax.random.fold_in(rng, step))
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
+                                 axis=-1)[:, 0]
+    return token_B, logp_B
+
+  def is_stop(token_B):
+    return jnp.any(token_B[:, None] == stops_S[None, :], axis=-1)
+
+  token_B, logp_B = pick(logits_BxV, 0)
+  state = dict(
+      step=jnp.int32(1),
+      token=token_B,
+      tokens=jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(token_B),
+      logprobs=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(logp_B),
+      lengths=jnp.ones((B,), jnp.int32),
+      done=is_stop(token_B),
+      cache=out.cache,
+  )
+
+  def cond(s):
+    return (s["step"] < max_new) & ~jnp.all(s["done"])
+
+  def body(s):
+    step_out = forward(config, params, s["token"][:, None], cache=s["cache"],
+                       compute_dtype=compute_dtype, compute_logits=False)
+    logits_BxV = lm_head(config, params, step_out.final_hidden)[:, 0]
+    token_B, logp_B = pick(logits_BxV, s["step"])
+    token_B = jnp.where(s["done"], pad_id, token_B)
+    logp_B = jnp.where(s["done"], 0.0, logp_B)
+    return dict(
+        step=s["step"] + 1,
+        token=token_B,
+        tokens=jax.lax.dynamic_update_slice(s["tokens"], token_B[:, None], (0, s["step"])),
+        logprobs=jax.lax.dynamic_update_slice(s["logprobs"], logp_B[:, None], (0, s["step"])),
+        lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
+        done=s["done"] | is_stop(token_B),
+        cache=step_out.cache,
+    )
+
+  s = jax.lax.while_loop(cond, body, state)
+  return GenerationOutput(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"])
