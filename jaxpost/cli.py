@@ -1,0 +1,113 @@
+"""The `jaxpost` command line.
+
+    jaxpost demo [--run-dir runs/demo]           build a tiny model on the spot and generate
+    jaxpost generate MODEL_DIR --prompt "..."    chat with a local HF model folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+
+def _demo_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+  rng = random.Random(seed)
+  words = ("what is the sum of and plus minus times answer question number result "
+           "please compute tell me equals").split()
+  lines = []
+  for _ in range(n):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    lines.append(f"{' '.join(rng.choice(words) for _ in range(rng.randint(2, 6)))} "
+                 f"{a} + {b} = {a + b}")
+  return lines
+
+
+def _generate(model_dir: Path, prompt: str, *, max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, seed: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from jaxpost.models import load_hf  # pylint: disable=import-outside-toplevel
+  from jaxpost.sampling import generate  # pylint: disable=import-outside-toplevel
+  from jaxpost.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+
+  config, params = load_hf(model_dir)
+  tokenizer = load_tokenizer(model_dir)
+  messages = [{"role": "user", "content": prompt}]
+  if tokenizer.chat_template:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  else:
+    ids = tokenizer.encode(prompt)
+  stops = tokenizer.eos_ids
+  kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, stop_tokens=stops, pad_id=tokenizer.pad_id or 0)
+  t0 = time.perf_counter()
+  out = generate(config, params, [ids], seed=seed, **kwargs)
+  jax.block_until_ready(out.tokens)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = generate(config, params, [ids], seed=seed, **kwargs)
+  jax.block_until_ready(out.tokens)
+  steady = time.perf_counter() - t0
+  n = int(out.lengths[0])
+  text = tokenizer.decode([int(t) for t in out.tokens[0, :n]], skip_special_tokens=True)
+  print(f"model: {model_dir} ({config.model_type}, {config.num_params() / 1e6:.2f}M parameters)")
+  print(f"prompt: {prompt!r}")
+  print(f"completion: {text!r}")
+  print(f"{n} tokens; first call {first:.2f}s (with compilation), "
+        f"then {n / steady:.1f} tokens/s")
+
+
+def _cmd_demo(args) -> int:
+  from jaxpost.tiny import make_model  # pylint: disable=import-outside-toplevel
+
+  model_dir = Path(args.run_dir) / "model"
+  print(f"building a tiny tokenizer and model in {model_dir} ...")
+  make_model(model_dir, _demo_corpus(), seed=args.seed)
+  _generate(model_dir, "what is 12 + 30?", max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=None, top_p=None, seed=args.seed)
+  print(f"demo: ok. The model is untrained, so its text is noise; the folder {model_dir} is a "
+        "Hugging Face checkpoint (try `jaxpost generate` on it or on your own model).")
+  return 0
+
+
+def _cmd_generate(args) -> int:
+  _generate(Path(args.model_dir), args.prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxpost", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  demo = sub.add_parser("demo", help="build a tiny model on the spot and generate from it")
+  demo.add_argument("--run-dir", default="runs/demo")
+  demo.add_argument("--max-new-tokens", type=int, default=32)
+  demo.add_argument("--temperature", type=float, default=1.0)
+  demo.add_argument("--seed", type=int, default=0)
+  demo.set_defaults(func=_cmd_demo)
+  gen = sub.add_parser("generate", help="generate from a local Hugging Face model folder")
+  gen.add_argument("model_dir")
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.set_defaults(func=_cmd_generate)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except (ValueError, FileNotFoundError) as e:  # our errors name the file, key or tensor
+    print(f"jaxpost: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
