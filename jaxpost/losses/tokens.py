@@ -1,0 +1,50 @@
+"""Per-token log-probabilities of targets, computed in sequence chunks.
+
+Full float32 logits are [B, T, V]: at vocab 128k and 8 x 4096 tokens that is 16 GiB. Here the LM
+head and log-softmax run on `chunk` positions at a time under `jax.checkpoint`, so the forward
+keeps only [B, T] results and the backward recomputes one chunk's logits at a time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.models import ModelConfig, lm_head
+
+
+def target_logprobs(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
+                    targets_BxT: jax.Array, *, chunk: int = 512) -> jax.Array:
+  """log p(targets[t] | tokens[<= t]) for every position: [B, T] float32.
+
+  `hidden_BxTxD` is `forward(..., compute_logits=False).final_hidden`. Positions whose target
+  is meaningless (padding, segment ends) get a value too: mask them in the loss.
+  """
+  B, T, D = hidden_BxTxD.shape
+  chunk = min(chunk, T)
+  pad = -T % chunk
+  if pad:
+    hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+  n = (T + pad) // chunk
+  h_NxBxCxD = hidden_BxTxD.reshape(B, n, chunk, D).swapaxes(0, 1)
+  t_NxBxC = targets_BxT.reshape(B, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h_BxCxD, t_BxC):
+    logits_BxCxV = lm_head(config, params, h_BxCxD)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    picked_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
+    return picked_BxC - lse_BxC
+
+  if n == 1:
+    out_NxBxC = one(h_NxBxCxD[0], t_NxBxC[0])[None]
+  else:
+    out_NxBxC = jax.lax.map(lambda args: one(*args), (h_NxBxCxD, t_NxBxC))
+  return out_NxBxC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def sequence_logprobs(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed log-probs and token counts per row over `mask`: ([B], [B])."""
+  mask = mask_BxT.astype(jnp.float32)
+  return jnp.sum(logp_BxT * mask, axis=-1), jnp.sum(mask, axis=-1)
