@@ -1,0 +1,351 @@
+"""Row formats -> `Example`s: token ids and the mask of the tokens trained as targets.
+
+Three row formats, as in TRL:
+
+* `messages`: a conversation, `[{"role": ..., "content": ...}, ...]`, rendered with the
+  tokenizer's chat template. Trained tokens (`train_on`): "assistant" (every assistant turn,
+  default), "last_assistant", or "all".
+* `prompt` + `completion`: strings (the prompt is tokenised with the tokenizer's default BOS,
+  the completion after it with EOS appended), or a conversational prompt (a messages list,
+  rendered with `add_generation_prompt=True`) whose completion (a string, or a list of
+  assistant messages) becomes the assistant turn. Trained: "completion" (default) or "all".
+* `text`: BOS (if the tokenizer adds one by default) + text + EOS; every token trained.
+
+An assistant turn's trained tokens are its text and its end-of-turn token (`<|im_end|>`,
+`<|eot_id|>`, ...: the turn's last token among the tokenizer's stop ids, `eos_ids`), not what
+the template writes after it (a newline): those are the tokens generation must produce, as in
+TRL's `assistant_only_loss`. Turns are located by rendering incrementally: the
+conversation up to an assistant turn with the generation prompt, then up to and including the
+turn; both token sequences must be prefixes of the whole conversation's tokens. A template that
+marks assistant text with `{% generation %}` blocks is read by its spans instead, which also
+works for templates that render earlier turns differently (e.g. dropping old reasoning).
+
+A row that cannot be used raises `DataError` naming the field; `tokenize_rows` adds the file and
+row, or with `on_bad_row="skip"` skips the row and counts it by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxpost.chat_template import ChatTemplateError, render_chat_template_with_spans
+from jaxpost.data.errors import (EMPTY, MISSING_FIELD, NO_TARGET, TEMPLATE, WRONG_TYPE,
+                                 DataError, field_error)
+from jaxpost.data.sources import Row
+from jaxpost.tokenizer import Tokenizer
+
+FORMATS = ("messages", "prompt_completion", "text")
+TRAIN_ON = {"messages": ("assistant", "last_assistant", "all"),
+            "prompt_completion": ("completion", "all"), "text": ("all",)}
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython"})
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+  """One tokenised row.
+
+  tokens:    int32 [n]
+  loss_mask: bool [n]; `loss_mask[t]`: token t is a target, trained to be predicted from
+             tokens[:t]. `loss_mask[0]` is always False (nothing predicts the first token).
+  """
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+
+  def __post_init__(self) -> None:
+    tokens = np.asarray(self.tokens, np.int32)
+    mask = np.asarray(self.loss_mask, np.bool_)
+    if tokens.ndim != 1 or tokens.shape != mask.shape:
+      raise ValueError(f"Example tokens and loss_mask should be 1-D of one length, got "
+                       f"{tokens.shape} and {mask.shape}.")
+    object.__setattr__(self, "tokens", tokens)
+    object.__setattr__(self, "loss_mask", mask)
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def num_targets(self) -> int:
+    """Number of trained target tokens."""
+    return int(self.loss_mask[1:].sum())
+
+
+class Tokenized(NamedTuple):
+  """`tokenize_rows`' result: the examples, skipped rows by reason, the format used."""
+
+  examples: list[Example]
+  skipped: dict[str, int]
+  format: str
+
+
+def detect_format(fields: Iterable[str]) -> str:
+  """The format of rows with these fields: messages, else prompt/completion, else text."""
+  fields = set(fields)
+  if "messages" in fields:
+    return "messages"
+  if fields & {"prompt", "completion"}:
+    return "prompt_completion"
+  if "text" in fields:
+    return "text"
+  raise ValueError(f"Cannot tell the data format from the fields {sorted(fields)}: expected "
+                   "'messages', 'prompt' + 'completion', or 'text' (or pass format=...).")
+
+
+def check_train_on(format: str, train_on: str | None) -> str:  # pylint: disable=redefined-builtin
+  """`train_on`, defaulted for `format` and checked (a ValueError names the choices)."""
+  if format not in FORMATS:
+    raise ValueError(f"Unknown data format {format!r}; expected 'auto' or one of {FORMATS}.")
+  choices = TRAIN_ON[format]
+  train_on = choices[0] if train_on is None else train_on
+  if train_on not in choices:
+    raise ValueError(f"train_on={train_on!r} does not apply to the {format} format; expected one "
+                     f"of {choices}.")
+  return train_on
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking fields
+# ---------------------------------------------------------------------------------------------
+
+
+def _get(row: Mapping[str, Any], field: str) -> Any:
+  value = row.get(field)
+  if value is None:  # Arrow fills absent fields with None
+    raise field_error(MISSING_FIELD, field, "is missing")
+  return value
+
+
+def _string(value: Any, field: str, *, allow_empty: bool = False) -> str:
+  if not isinstance(value, str):
+    raise field_error(WRONG_TYPE, field, f"should be a string, got {type(value).__name__}")
+  if not allow_empty and not value.strip():
+    raise field_error(EMPTY, field, "is empty" if not value else "is only whitespace")
+  return value
+
+
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
+  """A checked conversation: a non-empty list of {role, content} with known roles."""
+  if not isinstance(value, list):
+    raise field_error(WRONG_TYPE, field, f"should be a list of messages, got "
+                      f"{type(value).__name__}")
+  if not value:
+    raise field_error(EMPTY, field, "is empty")
+  for i, message in enumerate(value):
+    name = f"{field}[{i}]"
+    if not isinstance(message, Mapping):
+      raise field_error(WRONG_TYPE, name, f"should be a message object, got "
+                        f"{type(message).__name__}")
+    role = message.get("role")
+    if role is None:
+      raise field_error(MISSING_FIELD, f"{name}.role", "is missing")
+    _string(role, f"{name}.role")
+    if role not in ROLES:
+      raise field_error(WRONG_TYPE, f"{name}.role", f"has unknown role {role!r} (expected one of "
+                        f"{sorted(ROLES)})")
+    content = message.get("content")
+    if content is None and not message.get("tool_calls"):
+      raise field_error(MISSING_FIELD, f"{name}.content", "is missing")
+    if content is not None:
+      _string(content, f"{name}.content", allow_empty=True)
+  return [dict(message) for message in value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and locating assistant turns
+# ---------------------------------------------------------------------------------------------
+
+
+class _Chat:
+  """A tokenizer's chat template, rendered to token ids; locates turns by token prefixes."""
+
+  def __init__(self, tokenizer: Tokenizer) -> None:
+    if tokenizer.chat_template is None:
+      raise ValueError("Conversational data needs a tokenizer with a chat template.")
+    self.tokenizer = tokenizer
+    self.template = tokenizer.chat_template
+    self.stops = frozenset(tokenizer.eos_ids)
+    self.has_generation = bool(_GENERATION_TAG.search(self.template))
+
+  def render(self, messages: Sequence[Mapping[str, Any]], *,
+             add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    try:
+      return render_chat_template_with_spans(
+          self.template, messages, add_generation_prompt=add_generation_prompt,
+          special_tokens=self.tokenizer.named_special_tokens)
+    except ChatTemplateError as e:
+      raise DataError(TEMPLATE, f"the chat template rejected the conversation: {e}") from e
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_bos=False, add_eos=False)
+
+  def ids(self, messages: Sequence[Mapping[str, Any]], *,
+          add_generation_prompt: bool = False) -> list[int]:
+    return self.encode(self.render(messages, add_generation_prompt=add_generation_prompt)[0])
+
+  def prefix_length(self, ids: list[int], prefix: list[int], field: str) -> int:
+    if ids[:len(prefix)] != prefix:
+      raise DataError(TEMPLATE, f"field '{field}': the chat template does not render the "
+                      "conversation up to a turn as a prefix of the whole conversation's tokens, "
+                      "so the turn cannot be located; use a template with {% generation %} "
+                      "blocks", field=field)
+    return len(prefix)
+
+  def turn_end(self, ids: list[int], start: int, end: int, *, lookahead: bool = False) -> int:
+    """End of the turn rendered as ids[start:end]: just after its last stop token.
+
+    Without a stop token in the span: `end`, or `end + 1` with `lookahead` if ids[end] is one
+    (a `{% generation %}` block that leaves the end-of-turn token outside).
+    """
+    for t in range(end - 1, start - 1, -1):
+      if ids[t] in self.stops:
+        return t + 1
+    if lookahead and end < len(ids) and ids[end] in self.stops:
+      return end + 1
+    return end
+
+  def assistant_spans(self, messages: list[dict[str, Any]],
+                      field: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the conversation and the [start, end) token span of each assistant turn."""
+    text, char_spans = self.render(messages)
+    ids = self.encode(text)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if self.has_generation and len(char_spans) == len(turns):
+      spans = []
+      for start, end in char_spans:
+        a = self.prefix_length(ids, self.encode(text[:start]), field)
+        b = self.prefix_length(ids, self.encode(text[:end]), field)
+        spans.append((a, self.turn_end(ids, a, b, lookahead=True)))
+      return ids, spans
+    spans = []
+    for i in turns:
+      a = self.prefix_length(ids, self.ids(messages[:i], add_generation_prompt=True), field)
+      b = self.prefix_length(ids, self.ids(messages[:i + 1]), field)
+      spans.append((a, self.turn_end(ids, a, b)))
+    return ids, spans
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats
+# ---------------------------------------------------------------------------------------------
+
+
+def _mask(n: int, spans: Iterable[tuple[int, int]] = (), *, all_tokens: bool = False) -> np.ndarray:
+  mask = np.full(n, all_tokens, np.bool_)
+  for start, end in spans:
+    mask[start:end] = True
+  mask[:1] = False
+  return mask
+
+
+def _messages_example(row: Mapping[str, Any], chat: _Chat, train_on: str) -> Example:
+  messages = _messages(_get(row, "messages"), "messages")
+  if train_on == "all":
+    ids = chat.ids(messages)
+    return Example(np.asarray(ids), _mask(len(ids), all_tokens=True))
+  ids, spans = chat.assistant_spans(messages, "messages")
+  if train_on == "last_assistant":
+    spans = spans[-1:]
+  return Example(np.asarray(ids), _mask(len(ids), spans))
+
+
+def _completion_messages(value: Any) -> list[dict[str, Any]]:
+  if isinstance(value, str):
+    _string(value, "completion")
+    return [{"role": "assistant", "content": value}]
+  completion = _messages(value, "completion")
+  for i, message in enumerate(completion):
+    if message["role"] != "assistant":
+      raise field_error(WRONG_TYPE, f"completion[{i}].role",
+                        f"should be 'assistant', got {message['role']!r}")
+  return completion
+
+
+def _prompt_completion_example(row: Mapping[str, Any], tokenizer: Tokenizer, train_on: str,
+                               add_eos: bool) -> Example:
+  prompt, completion = _get(row, "prompt"), _get(row, "completion")
+  if isinstance(prompt, list):
+    chat = _Chat(tokenizer)
+    prompt = _messages(prompt, "prompt")
+    completion = _completion_messages(completion)
+    ids = chat.ids(prompt + completion)
+    start = chat.prefix_length(ids, chat.ids(prompt, add_generation_prompt=True), "prompt")
+    ids = ids[:chat.turn_end(ids, start, len(ids))]  # not what follows the end-of-turn token
+    if add_eos and tokenizer.eos_id is not None and not chat.stops & set(ids[start:]):
+      ids.append(tokenizer.eos_id)
+  else:
+    prompt_ids = tokenizer.encode(_string(prompt, "prompt", allow_empty=True))
+    completion_ids = tokenizer.encode(_string(completion, "completion"), add_bos=False,
+                                      add_eos=add_eos and tokenizer.eos_id is not None)
+    start, ids = len(prompt_ids), prompt_ids + completion_ids
+  return Example(np.asarray(ids), _mask(len(ids), [(start, len(ids))],
+                                        all_tokens=train_on == "all"))
+
+
+def _text_example(row: Mapping[str, Any], tokenizer: Tokenizer, add_eos: bool) -> Example:
+  text = _string(_get(row, "text"), "text")
+  ids = tokenizer.encode(text, add_eos=add_eos and tokenizer.eos_id is not None)
+  return Example(np.asarray(ids), _mask(len(ids), all_tokens=True))
+
+
+def to_example(row: Mapping[str, Any], tokenizer: Tokenizer, *,
+               format: str,  # pylint: disable=redefined-builtin
+               train_on: str | None = None, add_eos: bool = True) -> Example:
+  """One row -> `Example` (see the module docstring for the formats and `train_on`).
+
+  `add_eos` appends EOS to a completion or text (a conversational completion ends with the
+  template's end-of-turn token instead, if it has one).
+
+  Raises:
+    DataError: the row is bad (missing field, wrong type, empty completion or text, unknown
+      role, no token to train on, a template that rejects it); its `where` is unset.
+  """
+  train_on = check_train_on(format, train_on)
+  if format == "messages":
+    example = _messages_example(row, _Chat(tokenizer), train_on)
+  elif format == "prompt_completion":
+    example = _prompt_completion_example(row, tokenizer, train_on, add_eos)
+  else:
+    example = _text_example(row, tokenizer, add_eos)
+  if example.num_targets == 0:
+    field = {"messages": "messages", "prompt_completion": "completion"}.get(format, "text")
+    raise field_error(NO_TARGET, field, f"gives no token to train on (train_on={train_on!r})")
+  return example
+
+
+def tokenize_rows(rows: Iterable[Row], tokenizer: Tokenizer, *,
+                  format: str = "auto",  # pylint: disable=redefined-builtin
+                  train_on: str | None = None, add_eos: bool = True,
+                  on_bad_row: str = "error") -> Tokenized:
+  """Tokenises every row (from `sources.read_rows`) once.
+
+  Args:
+    format: "auto" (from the fields present in any row: messages, else prompt/completion,
+      else text), or one of `FORMATS`.
+    on_bad_row: "error" raises the first bad row's `DataError` ("file row N: field ..."),
+      "skip" skips bad rows and counts them by reason in `Tokenized.skipped`.
+  """
+  if on_bad_row not in ("error", "skip"):
+    raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}.")
+  rows = list(rows)
+  if format == "auto":
+    format = detect_format(key for row in rows if isinstance(row.data, dict) for key in row.data)
+  train_on = check_train_on(format, train_on)
+  examples, skipped = [], collections.Counter()
+  for row in rows:
+    try:
+      if isinstance(row.data, DataError):
+        raise row.data
+      examples.append(to_example(row.data, tokenizer, format=format, train_on=train_on,
+                                 add_eos=add_eos))
+    except DataError as e:
+      if on_bad_row == "error":
+        raise e.at(row.where) from None
+      skipped[e.reason] += 1
+  return Tokenized(examples, dict(skipped), format)

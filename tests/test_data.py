@@ -1,0 +1,344 @@
+"""The SFT data pipeline: formats and masks, bad rows, loading, packing, batches and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tokenizer_fixtures
+from data_fixtures import (conversation, mixed_rows, runs, sentence, with_template,
+                           write_jsonl)
+from jaxpost.data import (BatchIterator, DataError, Example, build_sft_batches, load_rows,
+                          make_rows, plan_rows, read_rows, to_example, tokenize_rows, truncate)
+from jaxpost.models import ModelConfig, ParamSpec, forward, param_specs
+from jaxpost.tiny import make_tokenizer
+from jaxpost.tokenizer import load_tokenizer
+
+END = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tok_folder(tmp_path_factory):
+  return make_tokenizer(tmp_path_factory.mktemp("tok"), tokenizer_fixtures.corpus(300))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_folder):
+  return load_tokenizer(tok_folder)
+
+
+def targets_text(tok, example: Example) -> list[str]:
+  return runs(tok, example.tokens, example.loss_mask)
+
+
+# -- formats and masks --------------------------------------------------------------------------
+
+
+def test_messages_masks_assistant_turns_with_end_token(tok):
+  messages = [{"role": "system", "content": "be helpful"},
+              {"role": "user", "content": "what is two plus three"},
+              {"role": "assistant", "content": "five"},
+              {"role": "user", "content": "thanks"},
+              {"role": "assistant", "content": "you are fine"}]
+  example = to_example({"messages": messages}, tok, format="messages")
+  assert tok.decode(example.tokens) == tok.apply_chat_template(messages)
+  assert targets_text(tok, example) == ["five" + END, "you are fine" + END]
+  last = to_example({"messages": messages}, tok, format="messages", train_on="last_assistant")
+  assert targets_text(tok, last) == ["you are fine" + END]
+  every = to_example({"messages": messages}, tok, format="messages", train_on="all")
+  assert not every.loss_mask[0] and every.loss_mask[1:].all()
+
+
+def test_generation_spans_locate_turns_a_prefix_unstable_template_hides(tok_folder, tmp_path):
+  messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+              {"role": "user", "content": "more"}, {"role": "assistant", "content": "fine"}]
+  plain = load_tokenizer(with_template(tok_folder, tmp_path / "plain", generation=False))
+  with pytest.raises(DataError, match="prefix") as e:
+    to_example({"messages": messages}, plain, format="messages")
+  assert e.value.reason == "chat_template"
+  tagged = load_tokenizer(with_template(tok_folder, tmp_path / "tagged", generation=True))
+  example = to_example({"messages": messages}, tagged, format="messages")
+  assert targets_text(tagged, example) == ["old" + END, "fine" + END]
+
+
+def test_prompt_completion_masks(tok):
+  example = to_example({"prompt": "what is two plus three", "completion": " five"}, tok,
+                       format="prompt_completion")
+  assert targets_text(tok, example) == [" five<eos>"]
+  assert tok.decode(example.tokens) == "what is two plus three five<eos>"
+  no_eos = to_example({"prompt": "a", "completion": " five"}, tok, format="prompt_completion",
+                      add_eos=False)
+  assert targets_text(tok, no_eos) == [" five"]
+  chat = to_example({"prompt": [{"role": "user", "content": "two plus three"}],
+                     "completion": "five"}, tok, format="prompt_completion")
+  assert targets_text(tok, chat) == ["five" + END]
+  assert tok.decode(chat.tokens) == (
+      "<|im_start|>user\ntwo plus three<|im_end|>\n<|im_start|>assistant\nfive<|im_end|>")
+  every = to_example({"prompt": "a b", "completion": " c"}, tok, format="prompt_completion",
+                     train_on="all")
+  assert every.loss_mask[1:].all()
+
+
+def test_text_trains_every_token_and_ends_with_eos(tok):
+  example = to_example({"text": "hello world"}, tok, format="text")
+  assert tok.decode(example.tokens) == "hello world<eos>"
+  assert not example.loss_mask[0] and example.loss_mask[1:].all()
+
+
+def test_train_on_is_checked_per_format(tok):
+  with pytest.raises(ValueError, match="train_on='assistant' does not apply"):
+    to_example({"text": "hi"}, tok, format="text", train_on="assistant")
+
+
+# -- bad rows -------------------------------------------------------------------------------------
+
+BAD_ROWS = [  # (line 3 of a file whose line 1 is good and line 2 blank, expected message)
+    ({"prompt": "a"}, "field 'completion' is missing"),
+    ({"prompt": "a", "completion": ""}, "field 'completion' is empty"),
+    ({"prompt": "a", "completion": 5}, "field 'completion' should be a string, got int"),
+    ({"messages": "hi"}, "field 'messages' should be a list of messages, got str"),
+    ({"messages": [{"role": "user", "content": 5}]},
+     "field 'messages[0].content' should be a string, got int"),
+    ({"messages": [{"role": "robot", "content": "hi"}]},
+     "field 'messages[0].role' has unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}]},
+     "field 'messages' gives no token to train on"),
+    ('{"prompt": "a", "completion": ', "invalid JSON"),
+    ("[1, 2]", "a row should be a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_ROWS)
+def test_bad_row_names_file_row_and_field(tok, tmp_path, bad, message):
+  good = ({"messages": conversation(random.Random(0))} if "messages" in str(bad)
+          else {"prompt": "a", "completion": " b"})
+  path = write_jsonl(tmp_path / "train.jsonl", [good, "", bad, good])
+  with pytest.raises(DataError) as e:
+    tokenize_rows(read_rows(path), tok)
+  assert str(e.value).startswith(f"{path} row 3: {message}")
+
+
+def test_invalid_json_and_mixed_types_in_load_rows(tmp_path):
+  path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": "b"}, "{oops"])
+  with pytest.raises(DataError, match=rf"^{path} row 3: invalid JSON"):
+    load_rows(path)
+  path = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}], "n": 1},
+                                            {"messages": [], "n": 2}, {"messages": "x", "n": 3}])
+  with pytest.raises(DataError, match=rf"^{path} row 3: field 'messages' has a type"):
+    load_rows(path)
+
+
+def test_skip_mode_counts_bad_rows_by_reason(tok, tmp_path):
+  good = {"prompt": "two plus three", "completion": " five"}
+  path = write_jsonl(tmp_path / "train.jsonl", [
+      good, {"prompt": "a"}, "{bad", {"prompt": "a", "completion": ""}, good,
+      {"prompt": 3, "completion": "b"}, good])
+  batches = build_sft_batches(path, tok, seq_len=32, batch_size=1, on_bad_row="skip")
+  assert batches.stats.examples == 3
+  assert batches.stats.skipped_rows == {"missing_field": 1, "invalid_json": 1, "empty": 1,
+                                        "wrong_type": 1}
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def test_csv_and_parquet_load_and_name_data_rows(tok, tmp_path):
+  rows = mixed_rows(6)
+  rows[4]["completion"] = None  # an empty csv cell / a null parquet value
+  for suffix in ("csv", "parquet"):
+    path = tmp_path / f"train.{suffix}"
+    getattr(datasets.Dataset.from_list(rows), f"to_{suffix}")(str(path))
+    loaded = load_rows(path)
+    assert loaded.num_rows == 6 and loaded[0] == rows[0]
+    with pytest.raises(DataError, match=rf"^{path} row 5: field 'completion' is missing"):
+      build_sft_batches(path, tok, seq_len=64, batch_size=2)
+    batches = build_sft_batches(path, tok, seq_len=64, batch_size=2, on_bad_row="skip")
+    assert batches.stats.examples == 5 and next(batches)["tokens"].shape == (2, 64)
+
+
+def test_parquet_folder_of_conversations(tok, tmp_path):
+  rng = random.Random(1)
+  folder = tmp_path / "chats"
+  folder.mkdir()
+  for part in range(2):
+    rows = [{"messages": conversation(rng)} for _ in range(3)]
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / f"part{part}.parquet"))
+  assert load_rows(folder).num_rows == 6
+  tokenized = tokenize_rows(read_rows(folder), tok)
+  assert tokenized.format == "messages" and len(tokenized.examples) == 6
+  assert read_rows(folder)[3].where == f"{folder / 'part1.parquet'} row 1"
+
+
+def test_json_array_split_slices_and_in_memory_datasets(tok, tmp_path):
+  rows = mixed_rows(5)
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(rows[:4] + [{"prompt": "a", "completion": ""}]))
+  assert [r.data for r in read_rows(path, split="train[:3]")] == rows[:3]
+  assert load_rows(path, split="train[1:3]").to_list() == rows[1:3]
+  with pytest.raises(DataError, match=rf"^{path} row 5: field 'completion' is empty"):
+    tokenize_rows(read_rows(path), tok)
+  batches = build_sft_batches(datasets.Dataset.from_list(rows), tok, seq_len=64, batch_size=1,
+                              shuffle=False, pack=False)
+  first = next(batches)
+  assert tok.decode(first["tokens"][0][first["segment_ids"][0] == 1]) == (
+      rows[0]["prompt"] + rows[0]["completion"] + "<eos>")
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+
+def test_packed_row_layout():
+  a = Example(np.array([10, 11, 12]), np.array([False, True, True]))
+  b = Example(np.array([20, 21, 22, 23]), np.array([False, False, True, True]))
+  c = Example(np.array([30, 31]), np.array([False, True]))
+  plan = plan_rows([3, 4, 2], [0, 1, 2], 8)
+  assert plan == [[0, 1], [2]]
+  rows = make_rows([a, b, c], plan, 8, pad_id=0)
+  np.testing.assert_array_equal(rows["tokens"][0], [10, 11, 12, 20, 21, 22, 23, 0])
+  np.testing.assert_array_equal(rows["targets"][0], [11, 12, 0, 21, 22, 23, 0, 0])
+  np.testing.assert_array_equal(rows["loss_mask"][0], [1, 1, 0, 0, 1, 1, 0, 0])
+  np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 2, 2, 2, 2, 0])
+  np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(rows["segment_ids"][1], [1, 1, 0, 0, 0, 0, 0, 0])
+  assert plan_rows([3, 4, 2], [0, 1, 2], 8, pack=False) == [[0], [1], [2]]
+  assert {k: v.dtype for k, v in rows.items()} == {
+      "tokens": np.int32, "targets": np.int32, "loss_mask": np.bool_, "segment_ids": np.int32,
+      "positions": np.int32}
+
+
+def test_truncation_counts_and_drops_examples_left_without_targets():
+  long = Example(np.arange(10), np.arange(10) >= 2)     # 8 targets
+  prompt_only = Example(np.arange(9), np.arange(9) >= 7)  # targets beyond 6 tokens
+  short = Example(np.arange(4), np.arange(4) >= 1)
+  kept, stats = truncate([long, prompt_only, short], 6)
+  assert [len(e) for e in kept] == [6, 4]
+  assert (stats.truncated_examples, stats.truncated_tokens, stats.dropped_examples) == (2, 7, 1)
+  batches = BatchIterator([long, prompt_only, short], batch_size=1, seq_len=8, max_length=None)
+  assert (batches.stats.truncated_examples, batches.stats.truncated_tokens) == (2, 3)
+
+
+def _random_params(config, std=0.2):
+  """Random parameters made with numpy (compiling `init_params` costs seconds on 2 cores).
+
+  A larger std than `init_params`' 0.02 makes attention sharp, so a leak across packed
+  examples would move the losses far beyond the tolerance.
+  """
+  rng = np.random.default_rng(0)
+  make = {"normal": lambda shape: rng.normal(0.0, std, shape), "zeros": np.zeros,
+          "ones": np.ones}
+  return jax.tree.map(lambda spec: make[spec.init](spec.shape).astype(np.float32),
+                      param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def _model_losses(vocab_size):
+  config = ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128)
+  params = _random_params(config)
+
+  @jax.jit
+  def token_losses(params, batch):
+    logits = forward(config, params, batch["tokens"], positions=batch["positions"],
+                     segment_ids=batch["segment_ids"]).logits
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.where(batch["loss_mask"], nll, 0.0)
+
+  return lambda batch: np.asarray(token_losses(params, batch))
+
+
+def test_packed_example_loss_equals_its_loss_alone(tok):
+  rng = random.Random(2)
+  rows = [{"messages": conversation(rng, turns=1)} for _ in range(2)]
+  rows.append({"prompt": sentence(rng), "completion": " " + sentence(rng)})
+  examples = [to_example(r, tok, format="messages" if "messages" in r else "prompt_completion")
+              for r in rows]
+  seq_len = sum(len(e) for e in examples) + 3
+  packed = BatchIterator(examples, batch_size=3, seq_len=seq_len, shuffle=False,
+                         drop_remainder=False)
+  alone = BatchIterator(examples, batch_size=3, seq_len=seq_len, shuffle=False, pack=False)
+  packed_batch, alone_batch = next(packed), next(alone)
+  assert packed_batch["segment_ids"][0].max() == 3 and packed_batch["segment_ids"][1:].max() == 0
+  losses = _model_losses(tok.vocab_size)
+  packed_loss, alone_loss = losses(packed_batch), losses(alone_batch)
+  for i, example in enumerate(examples):
+    in_row = packed_batch["segment_ids"][0] == i + 1
+    n = len(example)
+    assert packed_batch["loss_mask"][0][in_row].sum() == example.num_targets > 0
+    np.testing.assert_allclose(packed_loss[0][in_row], alone_loss[i][:n], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(alone_batch["loss_mask"][i][:n], example.loss_mask.tolist()[1:] +
+                                  [False])
+  leaky = dict(packed_batch, segment_ids=np.minimum(packed_batch["segment_ids"], 1))
+  assert np.abs(losses(leaky) - packed_loss).max() > 1e-2  # the test can see a leak
+
+
+# -- batches: shuffling and resume --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_file(tok, tmp_path_factory):
+  return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", mixed_rows(40))
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_shuffling_is_deterministic_by_seed_and_epoch(tok, train_file):
+  kwargs = dict(seq_len=48, batch_size=2, epochs=2)
+  first = list(build_sft_batches(train_file, tok, seed=3, **kwargs))
+  _assert_same(first, list(build_sft_batches(train_file, tok, seed=3, **kwargs)))
+  other = list(build_sft_batches(train_file, tok, seed=4, **kwargs))
+  assert not np.array_equal(first[0]["tokens"], other[0]["tokens"])
+  per_epoch = build_sft_batches(train_file, tok, seed=3, **kwargs).batches_in_epoch(0)
+  assert not np.array_equal(first[0]["tokens"], first[per_epoch]["tokens"])
+  unshuffled = build_sft_batches(train_file, tok, seq_len=48, batch_size=1, shuffle=False,
+                                 pack=False)
+  first_row = next(unshuffled)
+  n = int(first_row["segment_ids"][0].sum())
+  assert tok.decode(first_row["tokens"][0][:n]).startswith(mixed_rows(1)[0]["prompt"])
+
+
+def test_resume_is_exact_across_epochs(tok, train_file):
+  kwargs = dict(seq_len=64, batch_size=8, seed=7)
+  batches = build_sft_batches(train_file, tok, **kwargs)
+  assert batches.batches_in_epoch(0) < 7  # the seven batches cross an epoch boundary
+  reference = _take(build_sft_batches(train_file, tok, **kwargs), 7)
+  _take(batches, 3)
+  saved = json.loads(json.dumps(batches.state()))
+  resumed = build_sft_batches(train_file, tok, state=saved, **kwargs)
+  _assert_same(_take(resumed, 4), reference[3:])
+  late = build_sft_batches(train_file, tok, **kwargs)
+  _take(late, 5)
+  restored = build_sft_batches(train_file, tok, **kwargs)
+  restored.restore(late.state())
+  _assert_same(_take(restored, 2), reference[5:])
+  with pytest.raises(ValueError, match="fingerprint"):
+    build_sft_batches(train_file, tok, seq_len=64, batch_size=8, seed=8, state=saved)
+
+
+def test_batch_shapes_stats_and_final_partial_batch(tok, train_file):
+  batches = build_sft_batches(train_file, tok, seq_len=64, batch_size=3, epochs=1,
+                              shuffle=False, drop_remainder=False)
+  stats = batches.stats
+  out = list(batches)
+  assert len(out) == stats.batches_per_epoch == -(-stats.rows_per_epoch // 3)
+  assert all(b[k].shape == (3, 64) for b in out for k in b)
+  segments = np.concatenate([b["segment_ids"] for b in out])
+  assert (segments != 0).sum() == stats.tokens and stats.examples == 40
+  assert stats.packing_efficiency == pytest.approx(stats.tokens / (stats.rows_per_epoch * 64))
+  assert sum(int(b["loss_mask"].sum()) for b in out) == stats.target_tokens
+  padding_rows = 3 * len(out) - stats.rows_per_epoch
+  assert (out[-1]["segment_ids"][3 - padding_rows:] == 0).all()
