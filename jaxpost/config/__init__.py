@@ -1,0 +1,23 @@
+"""Typed run configuration: a YAML recipe -> a validated tree of frozen dataclasses.
+
+    cfg = load_config("recipes/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
+    cfg.optim.lr, cfg.train.batch_size, cfg.mesh.batch_shards
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+Sections and their checks live in `sections.py`; reading, overrides and type checking in
+`loader.py`. Every problem is a `ConfigError` (a `ValueError`) with a one-line message.
+"""
+
+from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_dict,
+                                   load_config, save_config, suggest_key, valid_keys)
+from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
+                                     DistributedSection, MeshSection, ModelSection,
+                                     OptimSection, RunConfig, Section, TaskSection,
+                                     TrainSection)
+
+__all__ = [
+    "CheckpointSection", "ConfigError", "DataSection", "DistributedSection", "MeshSection",
+    "ModelSection", "OptimSection", "RunConfig", "Section", "TaskSection", "TrainSection", "apply_overrides",
+    "config_from_dict", "config_to_dict", "load_config", "save_config", "suggest_key",
+    "valid_keys",
+]

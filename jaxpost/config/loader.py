@@ -1,0 +1,325 @@
+"""YAML recipe + `key.path=value` overrides -> a validated `RunConfig`, and back to YAML.
+
+    cfg = load_config("recipes/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")   # loads back to an equal config
+
+The tree is walked generically: each dataclass's fields and type hints say which keys exist
+and what they hold, so nothing here names a section. Every problem is one `ConfigError` with a
+one-line message naming the dotted key and where it came from (the file or the override):
+unknown keys (with the nearest valid key), missing required keys, wrong types, values outside
+a `Literal`'s choices, then the sections' own `validate` checks.
+
+YAML is read with PyYAML's safe loader plus two fixes: floats in exponent form without a dot
+(`3e-4`, a string under YAML 1.1) are floats, and a key repeated in one mapping is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from jaxpost.config.sections import ConfigError, RunConfig
+
+
+class _Loader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
+  """Safe YAML with YAML 1.2 floats (`1e-3`) and duplicate keys refused."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      seen = set()
+      for key_node, _ in node.value:
+        key = self.construct_object(key_node, deep=True)
+        if key != "<<" and isinstance(key, typing.Hashable):
+          if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+          seen.add(key)
+    return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_error(err: yaml.YAMLError, where: str) -> ConfigError:
+  mark = getattr(err, "problem_mark", None)
+  problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+  at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+  return ConfigError(f"invalid YAML in {where}{at}: {problem}")
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _parse_value(text: str) -> Any:
+  """A YAML scalar (`100`, `3e-4`, `true`, `null`, `'quoted'`); anything that does not parse
+  as a scalar (`[a].jsonl`) stays the literal string."""
+  try:
+    value = yaml.load(text, Loader=_Loader)  # nosec: _Loader is a SafeLoader
+  except yaml.YAMLError:
+    return text
+  return text if isinstance(value, (dict, list)) else value
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
+  """Sets each `key.path=value` in `raw` (in place, creating sections as needed).
+
+  Returns {dotted key: "override 'key.path=value'"} for error messages.
+  """
+  sources = {}
+  for text in overrides:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+      raise ConfigError(f"invalid override {text!r}: expected key.path=value, e.g. "
+                        "train.steps=100")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+      child = node.get(part)
+      if child is None:
+        child = node[part] = {}
+      elif not isinstance(child, dict):
+        where = ".".join(parents[:i + 1])
+        raise ConfigError(f"invalid override {text!r}: '{where}' is a value, not a section")
+      node = child
+    node[leaf] = _parse_value(value)
+    sources[key] = f"override {text!r}"
+  return sources
+
+
+# -- building the tree ----------------------------------------------------------------------
+
+
+def _is_dataclass_type(hint: Any) -> bool:
+  return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _union_args(hint: Any) -> tuple[Any, ...] | None:
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    return typing.get_args(hint)
+  return None
+
+
+def _describe(hint: Any) -> str:
+  """The expected type of a field, in words."""
+  if (args := _union_args(hint)) is not None:
+    return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+  if typing.get_origin(hint) is Literal:
+    return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+  if _is_dataclass_type(hint):
+    return "a mapping (section)"
+  return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+      hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value: Any) -> str:
+  kind = {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+  text = repr(value)
+  text = text if len(text) <= 60 else text[:57] + "..."
+  return f"{text} ({kind})"
+
+
+class _Builder:
+  """Builds a dataclass tree from nested dicts, naming each problem's key and origin.
+
+  `source` names the file (or other origin) of the values, `sources` the overrides' keys, and
+  `root` the tree whose keys are suggested for an unknown one.
+  """
+
+  def __init__(self, source: str, sources: dict[str, str], root: type = RunConfig):
+    self.source = source
+    self.sources = sources
+    self.root = root
+
+  def origin(self, key: str) -> str:
+    """Where `key`'s value came from: the override that set it (or a section above or below
+    it), else the file."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+      if (found := self.sources.get(".".join(parts[:n]))) is not None:
+        return found
+    below = [v for k, v in self.sources.items() if k.startswith(key + ".")]
+    return below[-1] if below else self.source
+
+  def build(self, cls: type, raw: Any, prefix: str) -> Any:
+    """An instance of the dataclass `cls` from the mapping `raw` (keys under `prefix`)."""
+    if raw is None:
+      raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in raw:
+      if name not in fields:
+        key = f"{prefix}{name}"
+        message = f"unknown key '{key}' in {self.origin(key)}"
+        if (nearest := suggest_key(key, valid_keys(self.root))) is not None:
+          message += f"; did you mean '{nearest}'?"
+        raise ConfigError(message)
+    kwargs = {}
+    for name, f in fields.items():
+      key = f"{prefix}{name}"
+      if name in raw:
+        kwargs[name] = self.coerce(raw[name], hints[name], key)
+      elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if not _is_dataclass_type(hints[name]):
+          raise ConfigError(f"missing required key '{key}' in {self.origin(key)}")
+        kwargs[name] = self.build(hints[name], {}, f"{key}.")
+    return cls(**kwargs)
+
+  def coerce(self, value: Any, hint: Any, key: str, shown: Any = None) -> Any:
+    """`value` checked against (and converted to) the type `hint` of `key`; `shown` is the
+    type named in messages (the whole `X | None` while checking its `X`)."""
+    shown = hint if shown is None else shown
+    args = _union_args(hint)
+    if args is not None:
+      if value is None and type(None) in args:
+        return None
+      options = [a for a in args if a is not type(None)]
+      if len(options) == 1:
+        return self.coerce(value, options[0], key, shown)
+      for option in options:
+        try:
+          return self.coerce(value, option, key)
+        except ConfigError:
+          pass
+      raise self.type_error(key, shown, value)
+    if typing.get_origin(hint) is Literal:
+      choices = typing.get_args(hint)
+      if any(value == c and type(value) is type(c) for c in choices):
+        return value
+      allowed = ", ".join(repr(c) for c in choices) + (" or null" if shown is not hint else "")
+      raise ConfigError(f"invalid value {value!r} for '{key}' in {self.origin(key)}; "
+                        f"choose one of {allowed}")
+    if _is_dataclass_type(hint):
+      if value is not None and not isinstance(value, dict):
+        raise self.type_error(key, shown, value)
+      return self.build(hint, value, f"{key}.")
+    if hint is bool and isinstance(value, bool):
+      return value
+    if hint is int and not isinstance(value, bool):
+      if isinstance(value, int):
+        return value
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if hint is str and isinstance(value, str):
+      return value
+    raise self.type_error(key, shown, value)
+
+  def type_error(self, key: str, hint: Any, value: Any) -> ConfigError:
+    return ConfigError(f"wrong type for '{key}' in {self.origin(key)}: expected "
+                       f"{_describe(hint)}, got {_shown(value)}")
+
+
+# -- suggestions ----------------------------------------------------------------------------
+
+
+def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+  """Every dotted key of the config tree, sections included (`optim`, `optim.lr`, ...)."""
+  keys = []
+  names = {f.name for f in dataclasses.fields(cls) if f.init}
+  for name, hint in typing.get_type_hints(cls).items():
+    if name not in names:
+      continue
+    keys.append(prefix + name)
+    for option in (_union_args(hint) or (hint,)):
+      if _is_dataclass_type(option):
+        keys.extend(valid_keys(option, f"{prefix}{name}."))
+  return keys
+
+
+def _acronym(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def suggest_key(key: str, keys: Sequence[str] | None = None) -> str | None:
+  """The valid key nearest to an unknown dotted `key`, or None.
+
+  In order: a sibling whose name is the key's acronym or vice versa (`learning_rate` ->
+  `lr`); a sibling close by `difflib`; the same name in another section (`train.lr` ->
+  `optim.lr`); the closest dotted key anywhere.
+  """
+  keys = valid_keys() if keys is None else list(keys)
+  parent, _, leaf = key.rpartition(".")
+  siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+  for name, full in siblings.items():
+    if len(leaf) > 1 and len(name) > 1 and leaf.count("_") != name.count("_") and (
+        _acronym(leaf) == name or _acronym(name) == leaf):
+      return full
+  close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+  if close:
+    return siblings[close[0]]
+  elsewhere = [k for k in keys if k.rpartition(".")[2] == leaf]
+  if elsewhere:
+    return elsewhere[0]
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+  return close[0] if close else None
+
+
+# -- public entry points --------------------------------------------------------------------
+
+
+def config_from_dict(raw: Any, *, source: str = "the config",
+                     sources: dict[str, str] | None = None, root: type = RunConfig) -> Any:
+  """A validated config (a `RunConfig`, or an extension `root` of it) from nested dicts as
+  read from YAML. `source` names where the values came from in messages; `sources` maps
+  dotted keys to a more precise origin (see `apply_overrides`)."""
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{source} must be a mapping of sections, got {_shown(raw)}")
+  cfg = _Builder(source, sources or {}, root).build(root, raw, "")
+  cfg.validate()
+  return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+  """Reads the YAML recipe at `path`, applies `key.path=value` overrides, validates.
+
+  Raises `ConfigError` (a `ValueError`) with a one-line message for any problem.
+  """
+  path = Path(path)
+  where = str(path)
+  try:
+    text = path.read_text(encoding="utf-8")
+  except FileNotFoundError:
+    raise ConfigError(f"config file not found: {where}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"cannot read config file {where}: {e}") from None
+  try:
+    raw = yaml.load(text, Loader=_Loader)  # nosec: _Loader is a SafeLoader
+  except yaml.YAMLError as e:
+    raise _yaml_error(e, where) from None
+  raw = {} if raw is None else raw
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{where} must hold a mapping of sections, got {_shown(raw)}")
+  sources = apply_overrides(raw, overrides)
+  return config_from_dict(raw, source=where, sources=sources)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+  """The config tree as plain nested dicts (YAML/JSON-ready)."""
+  return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+  """Writes the resolved config as YAML (atomically); `load_config` reads it back equal."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = ("# The resolved configuration of this run (defaults and overrides applied).\n"
+          + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+  return path

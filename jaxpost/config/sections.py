@@ -1,0 +1,303 @@
+"""The run configuration: a tree of frozen dataclasses, one per section of a recipe.
+
+A recipe is YAML whose top-level keys are the fields of `RunConfig`; each section is a
+`Section` dataclass. The loader (`jaxpost.config.loader`) walks this tree generically through
+`dataclasses.fields` and the type hints, so adding a section is adding a dataclass field here:
+
+    @dataclasses.dataclass(frozen=True)
+    class LoraSection(Section):
+      rank: int = 8
+      def validate(self, prefix: str) -> None:
+        _require(self.rank >= 1, f"{prefix}rank must be >= 1, got {self.rank}")
+
+    class RunConfig:  ...
+      lora: LoraSection | None = None     # absent from the YAML -> None
+
+Types are enforced from the annotations: `int`, `float` (ints accepted), `bool`, `str`,
+`typing.Literal[...]` choices, `X | None`, and nested `Section` dataclasses. Value checks that
+need only one section live in its `validate(prefix)`; checks across sections live in
+`RunConfig.validate()`. Every config is hashable and compares by value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+class ConfigError(ValueError):
+  """A run configuration that cannot be used; the message is one line naming the key."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+Algorithm = Literal["sft"]
+Dtype = Literal["float32", "bfloat16"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
+OnBadRow = Literal["error", "skip"]
+Optimizer = Literal["adamw", "adam", "sgd", "adafactor", "lion"]
+Schedule = Literal["constant", "linear", "cosine", "warmup_cosine"]
+Mode = Literal["min", "max"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """Base of every config section: a frozen dataclass with a per-section `validate`."""
+
+  def validate(self, prefix: str) -> None:
+    """Raises `ConfigError` for an impossible value; `prefix` is the section's dotted key
+    with a trailing dot (e.g. "optim."), for messages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(Section):
+  """The model to train: a Hugging Face folder (`path`) or a tiny one built on the spot.
+
+  `dtype` is the parameter dtype; `compute_dtype` the activation dtype (None: same as
+  `dtype`); `remat` rematerialises each layer in the backward pass.
+  """
+
+  path: str | None = None
+  tiny: bool = False
+  tiny_hidden_size: int = 128
+  tiny_num_layers: int = 2
+  dtype: Dtype = "float32"
+  compute_dtype: Dtype | None = None
+  remat: bool = False
+
+  def validate(self, prefix: str) -> None:
+    _require(self.path is not None or self.tiny,
+             f"missing required key '{prefix}path' (or set {prefix}tiny=true)")
+    _require(not (self.path is not None and self.tiny),
+             f"{prefix}path and {prefix}tiny=true are exclusive; set only one")
+    _require(self.path != "", f"{prefix}path must not be empty")
+    _require(self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 4 == 0,
+             f"{prefix}tiny_hidden_size must be a multiple of 4 and >= 8, "
+             f"got {self.tiny_hidden_size}")
+    _require(self.tiny_num_layers >= 1,
+             f"{prefix}tiny_num_layers must be >= 1, got {self.tiny_num_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(Section):
+  """Training data: a JSONL (or HF `datasets`) path per split and how rows become batches.
+
+  `seq_len` is the length of a packed (or padded) row; `max_length` truncates one example
+  before packing (None: `seq_len`); `on_bad_row` raises or skips a malformed row; `train_on`
+  selects which tokens carry the loss (None: the format's default).
+  """
+
+  train: str | None = None
+  eval: str | None = None
+  format: DataFormat = "auto"
+  seq_len: int = 256
+  pack: bool = True
+  max_length: int | None = None
+  shuffle: bool = True
+  on_bad_row: OnBadRow = "error"
+  train_on: str | None = None
+
+  def validate(self, prefix: str) -> None:
+    _require(self.seq_len >= 1, f"{prefix}seq_len must be >= 1, got {self.seq_len}")
+    _require(self.max_length is None or self.max_length >= 1,
+             f"{prefix}max_length must be >= 1 or null, got {self.max_length}")
+    _require(self.train != "", f"{prefix}train must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection(Section):
+  """The optimizer and its learning-rate schedule.
+
+  `schedule`: "constant"; "linear" decay to 0; "cosine" decay to 0; "warmup_cosine" linear
+  warm-up over `warmup_steps` then cosine decay (the other schedules also warm up when
+  `warmup_steps` > 0). `grad_clip` is the global-norm clip (None: no clipping).
+  """
+
+  name: Optimizer = "adamw"
+  lr: float = 1e-3
+  schedule: Schedule = "cosine"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float | None = 1.0
+
+  def validate(self, prefix: str) -> None:
+    _require(self.lr > 0, f"{prefix}lr must be > 0, got {self.lr}")
+    _require(self.warmup_steps >= 0,
+             f"{prefix}warmup_steps must be >= 0, got {self.warmup_steps}")
+    _require(self.weight_decay >= 0,
+             f"{prefix}weight_decay must be >= 0, got {self.weight_decay}")
+    for name in ("b1", "b2"):
+      value = getattr(self, name)
+      _require(0 <= value < 1, f"{prefix}{name} must be in [0, 1), got {value}")
+    _require(self.eps > 0, f"{prefix}eps must be > 0, got {self.eps}")
+    _require(self.grad_clip is None or self.grad_clip > 0,
+             f"{prefix}grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection(Section):
+  """The loop: `steps` optimizer steps on a global batch of `batch_size` rows, accumulated
+  over `micro_batches`. `eval_every` 0 never evaluates mid-run; `max_bad_steps` is how many
+  consecutive non-finite losses are skipped before the run stops."""
+
+  steps: int
+  batch_size: int
+  micro_batches: int = 1
+  seed: int = 0
+  eval_every: int = 0
+  log_every: int = 10
+  max_bad_steps: int = 5
+
+  def validate(self, prefix: str) -> None:
+    _require(self.steps >= 1, f"{prefix}steps must be >= 1, got {self.steps}")
+    _require(self.batch_size >= 1, f"{prefix}batch_size must be >= 1, got {self.batch_size}")
+    _require(self.micro_batches >= 1,
+             f"{prefix}micro_batches must be >= 1, got {self.micro_batches}")
+    _require(self.batch_size % self.micro_batches == 0,
+             f"{prefix}batch_size={self.batch_size} is not divisible by "
+             f"{prefix}micro_batches={self.micro_batches}")
+    _require(self.eval_every >= 0, f"{prefix}eval_every must be >= 0, got {self.eval_every}")
+    _require(self.log_every >= 1, f"{prefix}log_every must be >= 1, got {self.log_every}")
+    _require(self.max_bad_steps >= 0,
+             f"{prefix}max_bad_steps must be >= 0, got {self.max_bad_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(Section):
+  """Device mesh sizes (`jaxpost.sharding.make_mesh`); their product is the device count.
+  The batch is split over `data` x `fsdp`."""
+
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def batch_shards(self) -> int:
+    """How many ways the batch axis is split."""
+    return self.data * self.fsdp
+
+  def validate(self, prefix: str) -> None:
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      _require(value >= 1, f"{prefix}{f.name} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection(Section):
+  """Multi-process (multi-host) start-up for `jax.distributed.initialize`; None = detected
+  from the environment (TPU pods, SLURM, ...) or a single process."""
+
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def validate(self, prefix: str) -> None:
+    n, i = self.num_processes, self.process_id
+    _require(n is None or n >= 1, f"{prefix}num_processes must be >= 1, got {n}")
+    _require(i is None or i >= 0, f"{prefix}process_id must be >= 0, got {i}")
+    _require(n is None or i is None or i < n,
+             f"{prefix}process_id={i} must be < {prefix}num_processes={n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection(Section):
+  """Checkpoints in `run_dir`: every `every` steps (0: only at the end), the last `keep_last`
+  kept, plus the `keep_best` best by `best_metric` (`best_mode` "min" or "max")."""
+
+  every: int = 0
+  keep_last: int = 2
+  keep_best: int = 0
+  best_metric: str = "eval/loss"
+  best_mode: Mode = "min"
+  async_save: bool = True
+  fallback_on_corrupt: bool = False
+  resume: bool = True
+
+  def validate(self, prefix: str) -> None:
+    _require(self.every >= 0, f"{prefix}every must be >= 0, got {self.every}")
+    _require(self.keep_last >= 1, f"{prefix}keep_last must be >= 1, got {self.keep_last}")
+    _require(self.keep_best >= 0, f"{prefix}keep_best must be >= 0, got {self.keep_best}")
+    _require(bool(self.best_metric), f"{prefix}best_metric must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSection(Section):
+  """A task generated by the package itself (`jaxpost.tasks`), instead of `data.train`.
+
+  `arithmetic`: "What is a + b?" for a, b < `max_operand`, `num_eval` questions held out. With
+  `exact_match`, the held-out accuracy of greedy answers is measured before and after training.
+  """
+  name: Literal["arithmetic"] = "arithmetic"
+  max_operand: int = 50
+  num_eval: int = 200
+  exact_match: bool = True
+  max_new_tokens: int = 8
+
+  def validate(self, prefix: str) -> None:
+    _require(self.max_operand >= 2, f"{prefix}max_operand must be >= 2, got {self.max_operand}")
+    _require(1 <= self.num_eval < self.max_operand ** 2,
+             f"{prefix}num_eval must be in [1, {self.max_operand ** 2}), got {self.num_eval}")
+    _require(self.max_new_tokens >= 1,
+             f"{prefix}max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """A whole run: the algorithm, its output folder and one field per section.
+
+  A section field whose type is a `Section` defaults to that section's defaults when the
+  recipe leaves it out (or, when its type is `X | None`, to None). Fields are keyword-only,
+  so their order is the order of a saved recipe.
+  """
+
+  algorithm: Algorithm = "sft"
+  run_dir: str
+  model: ModelSection = dataclasses.field(default_factory=ModelSection)
+  data: DataSection = dataclasses.field(default_factory=DataSection)
+  optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+  train: TrainSection
+  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+  distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+  checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+  task: TaskSection | None = None
+
+  def makes_own_data(self) -> bool:
+    """Whether the run builds its own training data (so `data.train` is not required): a
+    generated `task`."""
+    return self.task is not None
+
+  def validate(self) -> None:
+    """Validates every section, then the constraints between sections."""
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, Section):
+        value.validate(f"{f.name}.")
+    _require(bool(self.run_dir), "run_dir must not be empty")
+    if not self.makes_own_data():
+      _require(self.data.train is not None, "missing required key 'data.train'")
+      _require(self.train.eval_every == 0 or self.data.eval is not None,
+               f"train.eval_every={self.train.eval_every} needs data.eval (or set "
+               "train.eval_every=0)")
+    shards = self.mesh.batch_shards
+    t = self.train
+    _require(t.batch_size % shards == 0,
+             f"train.batch_size={t.batch_size} is not divisible by the batch shards "
+             f"mesh.data x mesh.fsdp = {self.mesh.data} x {self.mesh.fsdp} = {shards}")
+    micro = t.batch_size // t.micro_batches
+    _require(micro % shards == 0,
+             f"the micro-batch train.batch_size / train.micro_batches = {t.batch_size} / "
+             f"{t.micro_batches} = {micro} is not divisible by the batch shards "
+             f"mesh.data x mesh.fsdp = {shards}")
+    _require(self.optim.warmup_steps <= t.steps,
+             f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={t.steps}")
+    ckpt = self.checkpoint
+    _require(ckpt.keep_best == 0 or not ckpt.best_metric.startswith("eval/")
+             or t.eval_every > 0,
+             f"checkpoint.keep_best={ckpt.keep_best} ranks by '{ckpt.best_metric}', which "
+             "needs train.eval_every > 0")
