@@ -1,7 +1,9 @@
 """The `jaxpost` command line.
 
-    jaxpost demo [--run-dir runs/demo]           build a tiny model on the spot and generate
-    jaxpost generate MODEL_DIR --prompt "..."    chat with a local HF model folder
+    jaxpost train CONFIG.yaml [key.path=value ...]   train (every algorithm, one command)
+    jaxpost plot RUN_DIR                             draw a run's loss and metric curves (PNG)
+    jaxpost generate MODEL_DIR --prompt "..."        chat with a local HF model folder
+    jaxpost demo [--run-dir runs/demo]               build a tiny model on the spot and generate
 """
 
 from __future__ import annotations
@@ -79,9 +81,52 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _cmd_train(args) -> int:
+  from jaxpost.config import load_config  # pylint: disable=import-outside-toplevel
+
+  cfg = load_config(args.config, args.overrides)  # validated before anything compiles
+  from jaxpost.train.trainer import train  # pylint: disable=import-outside-toplevel
+
+  summary = train(cfg)
+  run_dir = summary["run_dir"]
+  final = summary["final_metrics"]
+  print(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s; "
+        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())
+                    if k in ("train/loss", "eval/loss", "eval/perplexity")))
+  print(f"model (Hugging Face format): {summary['final_model']}")
+  print(f"checkpoints: {run_dir}/checkpoints; metrics: {run_dir}/metrics.jsonl and {run_dir}/tb")
+  try:
+    from jaxpost.plot import plot_run  # pylint: disable=import-outside-toplevel
+    plots = plot_run(run_dir)
+    print(f"plots: {', '.join(str(p) for p in plots)}")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"plots: none ({e})")
+  print(f"continue: jaxpost train {args.config} {' '.join(args.overrides)} "
+        f"train.steps=<more> (resumes from the last checkpoint in {run_dir})".replace("  ", " "))
+  if "exact_match_after" in summary:
+    before = summary.get("exact_match_before", float("nan"))
+    print(f"quickstart: exact-match before={before:.3f} after={summary['exact_match_after']:.3f}")
+  return 0
+
+
+def _cmd_plot(args) -> int:
+  from jaxpost.plot import plot_run  # pylint: disable=import-outside-toplevel
+
+  for path in plot_run(args.run_dir):
+    print(path)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxpost", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
+  train = sub.add_parser("train", help="train from a YAML recipe, with key.path=value overrides")
+  train.add_argument("config")
+  train.add_argument("overrides", nargs="*", help="e.g. train.steps=100 optim.lr=3e-4")
+  train.set_defaults(func=_cmd_train)
+  plot = sub.add_parser("plot", help="draw a run's metrics to PNG files in RUN_DIR/plots")
+  plot.add_argument("run_dir")
+  plot.set_defaults(func=_cmd_plot)
   demo = sub.add_parser("demo", help="build a tiny model on the spot and generate from it")
   demo.add_argument("--run-dir", default="runs/demo")
   demo.add_argument("--max-new-tokens", type=int, default=32)

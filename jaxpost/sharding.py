@@ -8,6 +8,7 @@ dimension of the same array, so any model shards over any mesh without special c
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -68,3 +69,24 @@ def param_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(
       lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
       axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts multi-process JAX when configured; returns whether it did.
+
+  Configured means an explicit coordinator address (or `JAX_COORDINATOR_ADDRESS`, or a cluster
+  JAX detects by itself: TPU pods, SLURM, ... when `num_processes` is given). A single process
+  with nothing configured stays as it is. On CPU, cross-process collectives use gloo.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address is None and num_processes is None:
+    return False
+  # Only read by the CPU backend; set before any backend starts (initialize must come first).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                             process_id=process_id)
+  return True

@@ -40,7 +40,8 @@ def make_tokenizer(folder: str | Path, corpus: Iterable[str], *, vocab_size: int
       sentence_iterator=iter(list(corpus)), model_writer=buffer, model_type="bpe",
       vocab_size=vocab_size, byte_fallback=True, split_digits=True, add_dummy_prefix=False,
       normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-      num_threads=1, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+      num_threads=1, hard_vocab_limit=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      pad_piece="<pad>",
       eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
       user_defined_symbols=list(SPECIAL_TOKENS))
   (folder / "tokenizer.model").write_bytes(buffer.getvalue())

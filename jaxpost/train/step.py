@@ -131,7 +131,8 @@ def _train_step(state: TrainState, batch, frozen, *, loss_fn: LossFn,
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32),
   )
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                 skipped=(~finite).astype(jnp.float32))
+                 skipped=(~finite).astype(jnp.float32),
+                 bad_steps=new_state.bad_steps.astype(jnp.float32))
   if lr_schedule is not None:
     metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
   return new_state, metrics

@@ -1,0 +1,1 @@
+"""Small generated tasks with checkable answers (quickstart, recipes, tests)."""

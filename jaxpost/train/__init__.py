@@ -1,0 +1,1 @@
+"""Training: the shared update step, checkpoints and the training loop."""
