@@ -1,0 +1,405 @@
+"""Orbax checkpoints of the train state that resume exactly.
+
+A step folder `<directory>/<step>/` holds the items `state` (the `TrainState` pytree, orbax
+StandardSave) and `extras` (JSON: the data iterator's position, the step's metrics and the PRNG
+implementation of every typed key), plus `metrics` (orbax's copy, for `keep_best`). Typed keys
+are stored as their `jax.random.key_data` and re-wrapped with `jax.random.wrap_key_data`, so the
+parameters, optimizer state and key come back bitwise identical, each leaf in its dtype.
+
+Atomicity (orbax 0.12.8, local disks): a step is written under `<step>.orbax-checkpoint-tmp`;
+each item and then the step get a `commit_success.txt`; only then is the folder renamed to
+`<step>` (on GCS it is written in place and the marker comes last). Old checkpoints are deleted
+only after the new one is committed, so a crash mid-save leaves the previous ones intact.
+`latest_step` and `all_steps` count a folder only if the step and each item carry the marker.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=500, keep_last=2, keep_best=1)
+    if ckpt.latest_step() is not None:
+      state, data_state, metrics, step = ckpt.restore(abstract_state, fallback=True)
+    ...
+    ckpt.save(step, state, data_state=loader.state(), metrics=eval_metrics)  # async
+    ...
+    ckpt.close()  # waits for the last save
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+EXTRAS_ITEM = "extras"
+_ITEMS = (STATE_ITEM, EXTRAS_ITEM)
+_COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # "commit_success.txt"
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step metadata file
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")
+_FORMAT = 1
+
+
+class CheckpointCorruptError(ValueError):
+  """A finalised checkpoint that cannot be read; `step`, `path` and `reason` say which and why."""
+
+  def __init__(self, message: str, *, step: int | None = None, path: Path | None = None,
+               reason: str = ""):
+    super().__init__(message)
+    self.step, self.path, self.reason = step, path, reason
+
+
+@dataclasses.dataclass
+class _KeepLastAndBest:
+  """Orbax preservation policy: keep a checkpoint if it is among the newest `keep_last`, or
+  among the `keep_best` best by `metric` (only finite values compete; ties go to the earlier
+  step). Orbax evaluates it in `save`, with the step being written (`in_flight`) last; step
+  folders orbax lists but that are not finalised (`is_finalised` False) neither count nor get
+  deleted."""
+
+  keep_last: int
+  keep_best: int
+  metric: str
+  mode: Literal["min", "max"]
+  is_finalised: Callable[[int], bool]
+  in_flight: int | None = None
+
+  def _score(self, metrics: Any) -> float | None:
+    value = metrics.get(self.metric) if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+        or not math.isfinite(value):
+      return None
+    return value if self.mode == "min" else -value
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    ours = [c.step == self.in_flight or self.is_finalised(c.step) for c in checkpoints]
+    keep = [not o for o in ours]
+    newest = sorted((c.step, i) for i, c in enumerate(checkpoints) if ours[i])
+    for _, i in newest[max(0, len(newest) - self.keep_last):]:
+      keep[i] = True
+    scored = sorted((s, c.step, i) for i, c in enumerate(checkpoints)
+                    if ours[i] and (s := self._score(c.metrics)) is not None)
+    for _, _, i in scored[:self.keep_best]:
+      keep[i] = True
+    return keep
+
+
+def _path_str(path: tuple) -> str:
+  """`opt_state.0.mu.w`: the same string for a dict key, an attribute or a sequence index, so
+  the abstract state and orbax's metadata tree (plain dicts and lists) line up."""
+  return ".".join(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k))
+                  for k in path)
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(state: Any) -> tuple[Any, dict[str, str]]:
+  """Typed keys -> their uint32 key data; returns the tree and {path: PRNG impl name}."""
+  impls: dict[str, str] = {}
+
+  def leaf(path, x):
+    if _is_key(x):
+      impls[_path_str(path)] = str(jax.random.key_impl(x))
+      return jax.random.key_data(x)
+    return x
+
+  return jax.tree_util.tree_map_with_path(leaf, state), impls
+
+
+def _abstract_saveable(abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  """The restore target: every leaf a ShapeDtypeStruct with a sharding, typed keys replaced by
+  their key data. Returns it and {path: typed key ShapeDtypeStruct}."""
+  keys: dict[str, Any] = {}
+
+  def leaf(path, x):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      return x
+    name = _path_str(path)
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      raise ValueError(f"abstract_state leaf {name!r} has no sharding: build it with "
+                       "jax.eval_shape and the shardings the train step uses")
+    sds = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    if not _is_key(x):
+      return sds
+    keys[name] = sds
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    try:  # NamedSharding / SingleDeviceSharding extend to the trailing key-data axis
+      sharding.shard_shape(data.shape)
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f"typed key {name!r}: its sharding {sharding} cannot place the key "
+                       f"data {data.shape}; use a NamedSharding") from e
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state), keys
+
+
+def _check_matches(saved_tree: Any, abstract: Any, step_dir: Path) -> None:
+  """Raise ValueError unless the saved leaves have the paths, shapes and dtypes of `abstract`
+  (orbax would otherwise silently cast a dtype)."""
+  saved = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+  wanted = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  problems = [f"missing in checkpoint: {p}" for p in wanted if p not in saved]
+  problems += [f"not in abstract_state: {p}" for p in saved if p not in wanted]
+  for p in wanted.keys() & saved.keys():
+    a, s = wanted[p], saved[p]
+    got = (getattr(s, "dtype", None), tuple(getattr(s, "shape", ())))
+    if hasattr(a, "shape") and got != (np.dtype(a.dtype), tuple(a.shape)):
+      problems.append(f"{p}: saved {got[0]}{list(got[1])}, abstract_state {a.dtype}{list(a.shape)}")
+  if problems:
+    shown = "; ".join(sorted(problems)[:8]) + ("; ..." if len(problems) > 8 else "")
+    raise ValueError(f"checkpoint {step_dir} does not match abstract_state: {shown}")
+
+
+class Checkpointer:
+  """Periodic, asynchronous, atomic checkpoints of a train state over orbax.
+
+  Args:
+    directory: the folder holding one sub-folder per saved step (created if missing).
+    save_every: `save(step, ...)` writes when `step % save_every == 0` (or `force=True`).
+    keep_last: the newest `keep_last` checkpoints are kept (at least 1).
+    keep_best: additionally keep the `keep_best` best checkpoints by `metrics[best_metric]`
+      (`best_mode` "min" or "max"). The two combine as a union: a checkpoint survives if it is
+      among the newest `keep_last` OR among the `keep_best` best, so at most
+      `keep_last + keep_best` checkpoints remain (one more while a save is being written,
+      since pruning happens only after the new checkpoint is committed). A checkpoint whose
+      metrics lack a finite `best_metric` is kept only by `keep_last`. Step folders that are
+      not finalised checkpoints are neither counted nor deleted.
+    async_save: write in a background thread; `save` returns once the arrays are copied to
+      host memory, so the caller may donate or overwrite the state right away.
+
+  Creating a Checkpointer removes orbax temporary folders left by a crashed save; use one per
+  run directory (the training job), as with orbax's CheckpointManager.
+  """
+
+  def __init__(self, directory: str | Path, *, save_every: int, keep_last: int = 2,
+               keep_best: int = 0, best_metric: str = "eval/loss",
+               best_mode: Literal["min", "max"] = "min", async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if keep_last < 1:
+      raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if keep_best < 0:
+      raise ValueError(f"keep_best must be >= 0, got {keep_best}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    self.directory = Path(directory).absolute()
+    self.save_every = save_every
+    self.keep_best = keep_best
+    self.best_metric = best_metric
+    self._policy = _KeepLastAndBest(keep_last, keep_best, best_metric, best_mode,
+                                    is_finalised=lambda s: self._is_finalised(self._step_dir(s)))
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        preservation_policy=self._policy,
+        # best_fn only makes orbax write (and reload) the `metrics` item the policy ranks by.
+        best_fn=(lambda m: m.get(best_metric, math.nan)) if keep_best > 0 else None,
+        best_mode=best_mode,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._metadata_handler = ocp.StandardCheckpointHandler()
+    self._closed = False
+
+  # ---- saving -----------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, *, data_state: dict, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    """Start writing `state` (plus the JSON-able `data_state` and float `metrics`) as `step`.
+
+    Returns whether a save was started: only when `step % save_every == 0` or `force`, and
+    never over an existing step (a final forced save at an already-saved step is a no-op).
+    With `async_save` the write continues in the background; errors surface at the next
+    `save`, `wait` or `close`.
+    """
+    step = int(step)
+    if not force and step % self.save_every != 0:
+      return False
+    if step in self._manager.all_steps():
+      logger.info("checkpoint step %d already exists in %s; not overwritten", step,
+                  self.directory)
+      return False
+    saveable, key_impls = _to_saveable(state)
+    try:  # a snapshot: the caller may keep mutating its dicts while we write
+      data_state = json.loads(json.dumps(data_state))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"data_state must be JSON-serialisable: {e}") from e
+    if metrics is not None:
+      try:
+        metrics = {str(k): float(v) for k, v in metrics.items()}
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"metrics must map names to numbers: {e}") from e
+    extras = {"format": _FORMAT, "step": step, "data_state": data_state, "metrics": metrics,
+              "key_impls": key_impls}
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(saveable),
+                                 EXTRAS_ITEM: ocp.args.JsonSave(extras)})
+    if self.keep_best > 0 and metrics is None:
+      metrics = {}  # orbax warns when a tracked step has no metrics
+    self._policy.in_flight = step
+    return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
+
+  def wait(self) -> None:
+    """Block until pending asynchronous saves are committed (and old ones pruned); re-raises
+    a background save's error."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Wait for pending saves, then release orbax's threads. Idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
+      self._metadata_handler.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+  # ---- listing ------------------------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  @staticmethod
+  def _is_finalised(path: Path) -> bool:
+    """Committed by orbax: the step and each item folder carry the commit marker. Orbax's
+    `<step>.orbax-checkpoint-tmp` folders never match the step-name pattern."""
+    if not (path.is_dir() and (path / _COMMIT_MARKER).is_file()):
+      return False
+    return all((path / item / _COMMIT_MARKER).is_file() for item in _ITEMS)
+
+  def all_steps(self) -> list[int]:
+    """The finalised steps on disk, ascending (an in-flight save is not among them)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir()
+                  if _STEP_NAME.fullmatch(p.name) and self._is_finalised(p))
+
+  def latest_step(self) -> int | None:
+    """The newest finalised step, or None."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # ---- restoring ----------------------------------------------------------------------------
+
+  def restore(self, abstract_state: Any, *, step: int | None = None,
+              fallback: bool = False) -> tuple[Any, Any, dict | None, int]:
+    """Restore `(state, data_state, metrics, step)` from `step` (default: the latest
+    finalised one).
+
+    `abstract_state` is the state's pytree of `jax.ShapeDtypeStruct` (or arrays) with
+    `.sharding`: every array is read straight onto its sharding, with its saved dtype (a
+    different dtype or shape in `abstract_state` is an error, never a silent cast).
+
+    A checkpoint that cannot be read raises `CheckpointCorruptError` naming its folder. With
+    `fallback=True` it is logged and the previous finalised step is tried, and so on; after a
+    successful fallback the corrupt folders newer than the restored step are renamed
+    `<step>.corrupt` so that the resumed run can save those steps again.
+    """
+    self.wait()
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no finalised checkpoint in {self.directory}")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"step {step} is not a finalised checkpoint in {self.directory} "
+                              f"(finalised steps: {steps})")
+    candidates = [s for s in reversed(steps) if step is None or s <= step]
+    abstract, key_structs = _abstract_saveable(abstract_state)
+    corrupt: list[CheckpointCorruptError] = []
+    for s in candidates:
+      try:
+        result = self._restore_step(s, abstract, key_structs)
+      except CheckpointCorruptError as e:
+        if not fallback:
+          raise
+        logger.warning("checkpoint step %d (%s) is corrupt or unreadable (%s); falling back "
+                       "to the previous finalised checkpoint", e.step, e.path, e.reason)
+        corrupt.append(e)
+        continue
+      if corrupt:
+        self._quarantine([e.step for e in corrupt])
+      return result
+    raise CheckpointCorruptError(
+        f"no readable checkpoint in {self.directory}: every finalised step is corrupt: "
+        + "; ".join(f"step {e.step} ({e.reason})" for e in corrupt))
+
+  def _restore_step(self, step: int, abstract: Any,
+                    key_structs: dict[str, Any]) -> tuple[Any, Any, dict | None, int]:
+    path = self._step_dir(step)
+
+    def corrupt(e: BaseException) -> CheckpointCorruptError:
+      reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+      return CheckpointCorruptError(
+          f"checkpoint step {step} ({path}) is corrupt or unreadable ({reason}). To resume "
+          "from the previous finalised checkpoint instead, set "
+          "checkpoint.fallback_on_corrupt=true (Checkpointer.restore(..., fallback=True)).",
+          step=step, path=path, reason=reason)
+
+    try:
+      json.loads((path / _STEP_METADATA).read_text())
+      saved_tree = self._metadata_handler.metadata(path / STATE_ITEM).tree
+      if not saved_tree:
+        raise ValueError(f"no array metadata in {path / STATE_ITEM}")
+    except Exception as e:  # noqa: BLE001 - any failure to read is corruption
+      raise corrupt(e) from e
+    _check_matches(saved_tree, abstract, path)  # a mismatch is the caller's error
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract),
+          EXTRAS_ITEM: ocp.args.JsonRestore()}))
+      state, extras = restored[STATE_ITEM], restored[EXTRAS_ITEM]
+      if not isinstance(extras, dict) or extras.get("format") != _FORMAT:
+        raise ValueError(f"unexpected extras {str(extras)[:200]}")
+      key_impls = dict(extras["key_impls"])
+    except Exception as e:  # noqa: BLE001
+      raise corrupt(e) from e
+    if set(key_impls) != set(key_structs):
+      raise ValueError(f"checkpoint {path} has typed keys at {sorted(key_impls)}, "
+                       f"abstract_state at {sorted(key_structs)}")
+    return self._rewrap_keys(state, key_impls, key_structs), extras["data_state"], \
+        extras["metrics"], step
+
+  @staticmethod
+  def _rewrap_keys(state: Any, key_impls: dict[str, str], key_structs: dict[str, Any]) -> Any:
+    def leaf(path, x):
+      name = _path_str(path)
+      if name not in key_structs:
+        return x
+      want = key_structs[name]
+      key = jax.random.wrap_key_data(x, impl=key_impls[name])
+      if key.dtype != want.dtype:
+        raise ValueError(f"typed key {name!r} was saved as {key.dtype}, abstract_state "
+                         f"wants {want.dtype}")
+      return key if key.sharding == want.sharding else jax.device_put(key, want.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, state)
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Rename corrupt step folders `<step>.corrupt[-n]`: out of orbax's and our listings (the
+    name is no step), kept for inspection, and no longer blocking a re-save of that step."""
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self._step_dir(step)
+        dst, n = src.with_name(f"{src.name}.corrupt"), 1
+        while dst.exists():
+          dst, n = src.with_name(f"{src.name}.corrupt-{n}"), n + 1
+        src.rename(dst)
+        logger.warning("moved corrupt checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("jaxpost_checkpoint_quarantine")
+    self._manager.reload()

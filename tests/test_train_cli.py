@@ -1,0 +1,88 @@
+"""`jaxpost train` end to end: SIGKILL and resume bit-exactly, config errors before compiling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RECIPE = """\
+algorithm: sft
+run_dir: {run_dir}
+task: {{name: arithmetic, max_operand: 12, num_eval: 16, exact_match: false}}
+model: {{tiny: true, tiny_hidden_size: 32, tiny_num_layers: 2}}
+data: {{format: messages, seq_len: 64, pack: true}}
+optim: {{lr: 3.0e-3, schedule: cosine, warmup_steps: 5}}
+train: {{steps: {steps}, batch_size: 4, log_every: 1, eval_every: 50}}
+checkpoint: {{every: 10, keep_last: 2, async_save: true}}
+"""
+
+
+def _cmd(recipe: Path, *overrides: str) -> list[str]:
+  return [sys.executable, "-m", "jaxpost.cli", "train", str(recipe), *overrides]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+  folder = run_dir / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+  steps = 150
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text(RECIPE.format(run_dir=tmp_path / "unused", steps=steps))
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(_cmd(recipe, f"run_dir={straight}"), env=_env(), check=True,
+                 capture_output=True, text=True, timeout=600)
+
+  proc = subprocess.Popen(_cmd(recipe, f"run_dir={killed}"), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= 20 for s in _checkpoint_steps(killed)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_checkpoint_steps(killed))
+  assert 20 <= killed_at < steps
+
+  resumed = subprocess.run(_cmd(recipe, f"run_dir={killed}"), env=_env(), capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stdout
+  a = (straight / "final" / "model.safetensors").read_bytes()
+  b = (killed / "final" / "model.safetensors").read_bytes()
+  assert a == b, "resumed run's parameters differ from the uninterrupted run's"
+
+
+def test_config_errors_are_caught_before_anything_compiles(tmp_path):
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text(RECIPE.format(run_dir=tmp_path / "run", steps=5))
+  cases = {
+      "optim.learning_rate=1e-3": "unknown key 'optim.learning_rate'.*did you mean 'optim.lr'",
+      "train.steps=ten": "wrong type for 'train.steps'",
+      "mesh.data=3": "train.batch_size=4 is not divisible",
+      "optim.name=adamx": "invalid value 'adamx' for 'optim.name'",
+  }
+  for override, pattern in cases.items():
+    proc = subprocess.run(_cmd(recipe, override), env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, (override, proc.stderr)
+    assert proc.stderr.startswith("jaxpost: error:") and "Traceback" not in proc.stderr
+    import re
+    assert re.search(pattern, proc.stderr), (override, proc.stderr)
+    assert not (tmp_path / "run").exists()
