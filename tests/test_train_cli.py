@@ -86,3 +86,22 @@ def test_config_errors_are_caught_before_anything_compiles(tmp_path):
     import re
     assert re.search(pattern, proc.stderr), (override, proc.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_too_many_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path):
+  from jaxpost.config import load_config
+  from jaxpost.train import Checkpointer
+  from jaxpost.train.trainer import TrainingError, train
+
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text(RECIPE.format(run_dir=tmp_path / "run", steps=40))
+  good = load_config(recipe, ["checkpoint.every=5", "checkpoint.async_save=false"])
+  train(good)  # 40 good steps, checkpoints up to 40
+  # Continue with an absurd learning rate: parameters blow up, losses turn NaN.
+  bad = load_config(recipe, ["train.steps=80", "optim.lr=1e30", "train.max_bad_steps=3",
+                             "checkpoint.every=5"])
+  with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
+    train(bad)
+  ck = Checkpointer(tmp_path / "run" / "checkpoints", save_every=5)
+  assert ck.latest_step() is not None and ck.latest_step() < 80
+  ck.close()

@@ -10,7 +10,7 @@ single `jax.jit` function with explicit input/output shardings and a donated sta
   Each micro-batch's loss is weighted by `metrics["weight"]` (default 1): the step
   differentiates sum_i w_i * loss_i and divides by sum_i w_i, so token-mean losses over 4
   micro-batches give exactly the gradient of one big batch.
-* NaN/Inf guard: when the loss or any gradient is not finite the update is not applied (params
+* NaN/Inf guard: when the loss, a gradient or an update is not finite, nothing is applied (params
   and optimizer state are kept), `bad_steps` counts consecutive bad steps and the loop decides
   when to stop.
 * RNG: the per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws the same
@@ -119,8 +119,8 @@ def _train_step(state: TrainState, batch, frozen, *, loss_fn: LossFn,
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads, metrics = _grads(loss_fn, state.params, batch, rng, frozen, micro_batches)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   new_state = TrainState(
