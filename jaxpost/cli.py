@@ -101,8 +101,9 @@ def _cmd_train(args) -> int:
     print(f"plots: {', '.join(str(p) for p in plots)}")
   except (ValueError, FileNotFoundError) as e:
     print(f"plots: none ({e})")
-  print(f"continue: jaxpost train {args.config} {' '.join(args.overrides)} "
-        f"train.steps=<more> (resumes from the last checkpoint in {run_dir})".replace("  ", " "))
+  kept = [o for o in args.overrides if not o.startswith("train.steps=")]
+  print(f"continue: jaxpost train {' '.join([args.config, *kept])} train.steps=<more> "
+        f"(resumes from the last checkpoint in {run_dir})")
   if "exact_match_after" in summary:
     before = summary.get("exact_match_before", float("nan"))
     print(f"quickstart: exact-match before={before:.3f} after={summary['exact_match_after']:.3f}")

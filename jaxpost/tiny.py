@@ -36,8 +36,11 @@ def make_tokenizer(folder: str | Path, corpus: Iterable[str], *, vocab_size: int
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
+  # The chat template's role names are text too: give them merges of their own.
+  lines = list(corpus)
+  lines += ["user assistant system"] * max(50, len(lines) // 10)
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(list(corpus)), model_writer=buffer, model_type="bpe",
+      sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe",
       vocab_size=vocab_size, byte_fallback=True, split_digits=True, add_dummy_prefix=False,
       normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
       num_threads=1, hard_vocab_limit=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,

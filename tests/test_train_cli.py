@@ -105,3 +105,20 @@ def test_too_many_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path
   ck = Checkpointer(tmp_path / "run" / "checkpoints", save_every=5)
   assert ck.latest_step() is not None and ck.latest_step() < 80
   ck.close()
+
+
+def test_quickstart_recipe_runs_and_prints_its_summary(tmp_path):
+  """The README's main job, shortened: same recipe, fewer steps and questions."""
+  root = Path(__file__).resolve().parent.parent
+  proc = subprocess.run(
+      _cmd(root / "configs" / "quickstart.yaml", f"run_dir={tmp_path}", "train.steps=6",
+           "train.eval_every=3", "checkpoint.every=3", "task.num_eval=8",
+           "optim.warmup_steps=2"),
+      env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  import re
+  assert re.fullmatch(r"quickstart: exact-match before=\d\.\d{3} after=\d\.\d{3}", last), last
+  for f in ("metrics.jsonl", "final/model.safetensors", "final/tokenizer.model", "plots/loss.png",
+            "config.yaml"):
+    assert (tmp_path / f).exists(), f
