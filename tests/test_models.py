@@ -197,3 +197,11 @@ def test_init_save_load_is_exact_and_dtype_cast(saved):
     np.testing.assert_array_equal(a, b)
   _, p16 = load_hf(saved, dtype=jnp.bfloat16)
   assert p16["layers"]["attn"]["q"].dtype == jnp.bfloat16
+
+
+def test_replace_num_layers_keeps_uniform_layer_types():
+  deeper = LLAMA.replace(num_layers=5)
+  assert deeper.layer_types == ("full",) * 5
+  with pytest.raises(ValueError, match="pass the new layer_types"):
+    TINY.replace(num_layers=4)
+  assert TINY.replace(num_layers=4, layer_types=("sliding", "full") * 2).num_layers == 4

@@ -119,6 +119,14 @@ class ModelConfig:
     return self.local_rope if self.local_rope is not None else self.rope
 
   def replace(self, **changes) -> "ModelConfig":
+    """A copy with `changes`. Changing `num_layers` alone keeps uniform layer types uniform;
+    mixed ones (Gemma's pattern) must be given again as `layer_types`."""
+    if "num_layers" in changes and "layer_types" not in changes:
+      kinds = set(self.layer_types)
+      if len(kinds) > 1:
+        raise ValueError("num_layers changed on a config with mixed layer_types: pass the new "
+                         "layer_types too")
+      changes["layer_types"] = (kinds.pop(),) * changes["num_layers"]
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:
