@@ -154,19 +154,24 @@ def forward(
       return when_sliding if c.layer_types[0] == "sliding" else when_full
     return jax.tree.map(lambda s, f: jnp.where(flag, s, f), when_sliding, when_full)
 
-  def layer(x_BxTxD, xs):
-    lp, flag, k_cache, v_cache = xs
+  def layer(carry, xs):
+    x_BxTxD, k_all, v_all = carry
+    lp, flag, i = xs
     lp = jax.tree.map(lambda a: a.astype(dtype), lp)
     mask = select(flag, sliding_mask, full_mask)
     cos, sin = select(flag, sliding_rope, full_rope)
     h = rms_norm(c, x_BxTxD, lp["attn_pre_norm"])
     q, k, v = _project_qkv(c, lp["attn"], h)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if k_cache is not None:
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
-      k, v = k_cache.astype(dtype), v_cache.astype(dtype)
-    attn_BxTxHxDh = attend(c, q, k, v, mask)
+    k_BxKxSxDh, v_BxKxSxDh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if k_all is not None:
+      # The whole cache rides in the scan carry and only the new slots are written, in place.
+      at = (i, 0, 0, cache.index, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_BxKxSxDh.astype(k_all.dtype)[None], at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_BxKxSxDh.astype(v_all.dtype)[None], at)
+      k_BxKxSxDh = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(dtype)
+      v_BxKxSxDh = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(dtype)
+    attn_BxTxHxDh = attend(c, q, k_BxKxSxDh, v_BxKxSxDh, mask)
     out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxDh, lp["attn"]["o"])
     if c.o_bias:
       out = out + _lead(lp["attn"]["o_bias"], out)
@@ -178,7 +183,7 @@ def forward(
     if c.sandwich_norm:
       out = rms_norm(c, out, lp["mlp_post_norm"])
     x_BxTxD = x_BxTxD + out
-    return x_BxTxD, (x_BxTxD if return_hidden_states else None, k_cache, v_cache)
+    return (x_BxTxD, k_all, v_all), (x_BxTxD if return_hidden_states else None)
 
   if remat:
     layer = jax.checkpoint(layer, prevent_cse=False)
@@ -186,9 +191,10 @@ def forward(
   x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dtype)
   if c.scale_embeddings:
     x_BxTxD = x_BxTxD * jnp.asarray(c.embed_scale, dtype)
-  xs = (params["layers"], is_sliding_L,
-        cache.k if cache is not None else None, cache.v if cache is not None else None)
-  y_BxTxD, (layer_outs, new_k, new_v) = jax.lax.scan(layer, x_BxTxD, xs)
+  carry = (x_BxTxD, cache.k if cache is not None else None,
+           cache.v if cache is not None else None)
+  xs = (params["layers"], is_sliding_L, jnp.arange(c.num_layers, dtype=jnp.int32))
+  (y_BxTxD, new_k, new_v), layer_outs = jax.lax.scan(layer, carry, xs)
 
   hidden_states = None
   if return_hidden_states:
