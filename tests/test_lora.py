@@ -1,0 +1,89 @@
+"""LoRA adapters: exact at init, correct merge, only adapters train, they shard with the base."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpost.losses import sft_loss
+from jaxpost.models import forward, init_params, param_specs
+from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs, merge_lora
+from jaxpost.sharding import logical_to_spec
+from jaxpost.train import init_state, make_train_step
+from test_step import CONFIG, random_batch
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def base():
+  return init_params(CONFIG, jax.random.key(0))
+
+
+def test_zero_initialised_adapters_reproduce_the_base_exactly(base):
+  adapters = init_lora(CONFIG, LORA, jax.random.key(1))
+  merged = merge_lora(base, adapters, LORA)
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(a, b)
+  tokens = jnp.arange(16)[None] % CONFIG.vocab_size
+  f = jax.jit(forward, static_argnums=0)
+  np.testing.assert_array_equal(f(CONFIG, base, tokens).logits, f(CONFIG, merged, tokens).logits)
+
+
+def test_merge_adds_scaled_low_rank_product(base):
+  adapters = init_lora(CONFIG, LORA, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  b = adapters["layers"]["attn"]["o"]["b"]
+  adapters["layers"]["attn"]["o"]["b"] = jnp.asarray(rng.normal(size=b.shape), jnp.float32)
+  merged = merge_lora(base, adapters, LORA)
+  a = np.asarray(adapters["layers"]["attn"]["o"]["a"])  # [L, H, Dh, r]
+  bb = np.asarray(adapters["layers"]["attn"]["o"]["b"])  # [L, r, D]
+  expect = np.asarray(base["layers"]["attn"]["o"]) + LORA.scale * np.einsum("lhdr,lre->lhde", a, bb)
+  np.testing.assert_allclose(merged["layers"]["attn"]["o"], expect, atol=1e-6)
+  assert LoraConfig(rank=16, alpha=8.0, rslora=True).scale == 2.0
+
+
+def test_only_adapters_train_and_optimizer_state_follows_their_size(base):
+  adapters = init_lora(CONFIG, LORA, jax.random.key(1))
+  opt = optax.adamw(1e-2)
+  loss = lora_loss(functools.partial(sft_loss, config=CONFIG), LORA)
+  step = make_train_step(loss, opt)
+  state = init_state(adapters, opt, jax.random.key(2))
+  frozen = {"base": base}
+  size = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+  assert size(state.opt_state) < 2.5 * size(adapters) < 0.3 * size(base)
+  losses = []
+  for i in range(8):
+    state, m = step(state, random_batch(0), frozen)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0]
+  assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
+  assert float(jnp.abs(state.params["layers"]["mlp"]["up"]["b"]).max()) > 0
+
+
+def test_adapters_shard_like_their_base_weights():
+  """On a data=2, fsdp=2, tensor=2 mesh, A splits like its weight's input axes and B like the
+  output axes; the rank axis is never split."""
+  config = CONFIG.replace(num_kv_heads=4)
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  base = param_specs(config)["layers"]
+  for group, targets in lora_specs(config, LORA)["layers"].items():
+    for name, ab in targets.items():
+      w = base[group][name]
+      w_spec = logical_to_spec(w.axes, w.shape, mesh)
+      a_spec = logical_to_spec(ab["a"].axes, ab["a"].shape, mesh)
+      b_spec = logical_to_spec(ab["b"].axes, ab["b"].shape, mesh)
+      n_in = len(ab["a"].shape) - 2
+      assert tuple(a_spec)[:n_in + 1] == tuple(w_spec)[:n_in + 1], (name, a_spec, w_spec)
+      assert tuple(b_spec)[2:] == tuple(w_spec)[n_in + 1:], (name, b_spec, w_spec)
+      assert a_spec[-1] is None and b_spec[1] is None
+  q = lora_specs(config, LORA)["layers"]["attn"]["q"]
+  assert logical_to_spec(q["a"].axes, q["a"].shape, mesh) == jax.sharding.PartitionSpec(
+      None, "fsdp", None)
+  with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
+    LoraConfig(targets=("qkv",))
