@@ -122,3 +122,31 @@ def test_quickstart_recipe_runs_and_prints_its_summary(tmp_path):
   for f in ("metrics.jsonl", "final/model.safetensors", "final/tokenizer.model", "plots/loss.png",
             "config.yaml"):
     assert (tmp_path / f).exists(), f
+
+
+def test_lora_run_trains_adapters_only_and_exports_the_merged_model(tmp_path):
+  import jax
+  import numpy as np
+  from jaxpost.config import load_config
+  from jaxpost.models import load_hf
+  from jaxpost.train.trainer import train
+
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text(RECIPE.format(run_dir=tmp_path / "run", steps=12))
+  cfg = load_config(recipe, ["lora.rank=4", "lora.targets=q,v,down", "checkpoint.every=6",
+                             "optim.lr=1e-2"])
+  summary = train(cfg)
+  losses = [float(line.split('"train/loss": ')[1].split(",")[0])
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"train/loss"' in line]
+  assert losses[-1] < losses[0]
+  _, base = load_hf(tmp_path / "run" / "model")
+  _, final = load_hf(summary["final_model"])
+  changed = {name for name in ("q", "k", "v", "o")
+             if not np.array_equal(base["layers"]["attn"][name], final["layers"]["attn"][name])}
+  assert changed == {"q", "v"}  # only adapted weights moved; everything else is the base
+  np.testing.assert_array_equal(base["embed"], final["embed"])
+  ckpt = tmp_path / "run" / "checkpoints" / "12"
+  state_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+  base_bytes = sum(x.size * 4 for x in jax.tree.leaves(base))
+  assert state_bytes < base_bytes  # adapters and their optimizer state only

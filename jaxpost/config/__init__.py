@@ -11,12 +11,13 @@ Sections and their checks live in `sections.py`; reading, overrides and type che
 from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_dict,
                                    load_config, save_config, suggest_key, valid_keys)
 from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
-                                     DistributedSection, MeshSection, ModelSection,
+                                     DistributedSection, LoraSection, MeshSection, ModelSection,
                                      OptimSection, RunConfig, Section, TaskSection,
                                      TrainSection)
 
 __all__ = [
-    "CheckpointSection", "ConfigError", "DataSection", "DistributedSection", "MeshSection",
+    "CheckpointSection", "ConfigError", "DataSection", "DistributedSection", "LoraSection",
+    "MeshSection",
     "ModelSection", "OptimSection", "RunConfig", "Section", "TaskSection", "TrainSection", "apply_overrides",
     "config_from_dict", "config_to_dict", "load_config", "save_config", "suggest_key",
     "valid_keys",

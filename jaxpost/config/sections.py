@@ -247,6 +247,31 @@ class TaskSection(Section):
              f"{prefix}max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSection(Section):
+  """LoRA adapters (`jaxpost.peft`): only they train; the base model stays frozen.
+
+  `targets` is a comma-separated list of q, k, v, o, gate, up, down; `rslora` scales by
+  alpha / sqrt(rank) instead of alpha / rank.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  targets: str = "q,k,v,o,gate,up,down"
+  rslora: bool = False
+
+  def target_tuple(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+  def validate(self, prefix: str) -> None:
+    _require(self.rank >= 1, f"{prefix}rank must be >= 1, got {self.rank}")
+    _require(self.alpha > 0, f"{prefix}alpha must be > 0, got {self.alpha}")
+    allowed = ("q", "k", "v", "o", "gate", "up", "down")
+    bad = [t for t in self.target_tuple() if t not in allowed]
+    _require(not bad and bool(self.target_tuple()),
+             f"{prefix}targets has {bad[0] if bad else 'nothing'!r}; use a comma-separated list "
+             f"of {', '.join(allowed)}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """A whole run: the algorithm, its output folder and one field per section.
@@ -266,6 +291,7 @@ class RunConfig:
   distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
   checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
   task: TaskSection | None = None
+  lora: LoraSection | None = None
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a

@@ -27,6 +27,7 @@ from jaxpost.losses import sft_loss
 from jaxpost.metrics import MetricWriter, ProgressBar
 from jaxpost.models import load_hf, logical_axes, param_specs, save_hf
 from jaxpost.models.params import is_spec
+from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs, merge_lora
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.optim import make_optimizer
@@ -147,18 +148,38 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   optimizer, schedule = make_optimizer(cfg.optim, t.steps)
   shapes = jax.tree.map(lambda s: s.shape, param_specs(c), is_leaf=is_spec)
   p_shard = sharding_lib.param_shardings(logical_axes(c), shapes, mesh)
-  s_shard = state_shardings(p_shard, params, optimizer, mesh)
   b_shard = batch_sharding(mesh)
   compute_dtype = jnp.dtype(cfg.model.compute_dtype) if cfg.model.compute_dtype else None
   loss_fn = functools.partial(sft_loss, config=c, compute_dtype=compute_dtype,
                               remat=cfg.model.remat)
-  step_fn = make_train_step(loss_fn, optimizer, state_sharding=s_shard, batch_sharding=b_shard,
-                            micro_batches=t.micro_batches, lr_schedule=schedule)
-  eval_fn = jax.jit(lambda p, b: loss_fn(p, b, None), in_shardings=(p_shard, b_shard))
-
   rng = jax.random.key(t.seed)
-  state = jax.jit(lambda p: init_state(p, optimizer, rng), out_shardings=s_shard)(params)
+
+  # What trains: the whole model, or LoRA adapters over a frozen base.
+  if cfg.lora is not None:
+    lora = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                      targets=cfg.lora.target_tuple(), rslora=cfg.lora.rslora)
+    specs = lora_specs(c, lora)
+    t_shard = sharding_lib.param_shardings(
+        jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec),
+        jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec), mesh)
+    trainable = jax.jit(lambda k: init_lora(c, lora, k, jnp.dtype(cfg.model.dtype)),
+                        out_shardings=t_shard)(jax.random.fold_in(rng, 1))
+    frozen, f_shard = {"base": params}, {"base": p_shard}
+    loss_fn = lora_loss(loss_fn, lora)
+    merge = jax.jit(functools.partial(merge_lora, lora=lora))
+    full_params = lambda tr: merge(frozen["base"], tr)  # noqa: E731
+  else:
+    trainable, t_shard, frozen, f_shard = params, p_shard, {}, {}
+    full_params = lambda tr: tr  # noqa: E731
   del params
+  s_shard = state_shardings(t_shard, trainable, optimizer, mesh)
+  step_fn = make_train_step(loss_fn, optimizer, state_sharding=s_shard, batch_sharding=b_shard,
+                            frozen_sharding=f_shard, micro_batches=t.micro_batches,
+                            lr_schedule=schedule)
+  eval_fn = jax.jit(lambda p, fr, b: loss_fn(p, b, None, **fr),
+                    in_shardings=(t_shard, f_shard, b_shard))
+  state = jax.jit(lambda p: init_state(p, optimizer, rng), out_shardings=s_shard)(trainable)
+  del trainable
   data = build_sft_batches(setup.train_path, setup.tokenizer, format=d.format,
                            seq_len=d.seq_len, batch_size=t.batch_size, pack=d.pack, seed=t.seed,
                            max_length=d.max_length, on_bad_row=d.on_bad_row,
@@ -179,9 +200,9 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
     _log(f"resumed from {checkpointer.directory} at step {start}")
 
   summary: dict[str, Any] = {"run_dir": str(setup.run_dir)}
-  evaluate = functools.partial(_evaluate_loss, eval_fn, eval_batches, b_shard)
+  evaluate = functools.partial(_evaluate_loss, eval_fn, eval_batches, b_shard, frozen)
   if cfg.task is not None and cfg.task.exact_match and start == 0:
-    summary["exact_match_before"] = _exact_match(setup, state.params)
+    summary["exact_match_before"] = _exact_match(setup, full_params(state.params))
     _log(f"held-out exact match before training: {summary['exact_match_before']:.3f}")
 
   tokens_per_batch = t.batch_size * d.seq_len
@@ -194,7 +215,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
     for step in range(start, t.steps):
       batch = next(data)
       real_tokens = int(batch["segment_ids"].astype(bool).sum())
-      state, metrics = step_fn(state, _place(batch, b_shard), {})
+      state, metrics = step_fn(state, _place(batch, b_shard), frozen)
       if pending is not None:
         last = _finish(pending, writer, bar, t, on_step)
       pending = (step + 1, metrics, real_tokens)
@@ -218,7 +239,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
 
   final_dir = setup.run_dir / "final"
   if jax.process_index() == 0:
-    save_hf(c, state.params, final_dir)
+    save_hf(c, full_params(state.params), final_dir)  # LoRA: the merged model
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
       if (setup.model_dir / f).exists():
@@ -226,7 +247,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   summary.update(final_metrics=last, final_model=str(final_dir), steps=t.steps,
                  seconds=elapsed, start_step=start)
   if cfg.task is not None and cfg.task.exact_match:
-    summary["exact_match_after"] = _exact_match(setup, state.params)
+    summary["exact_match_after"] = _exact_match(setup, full_params(state.params))
   checkpointer.close()
   return summary
 
@@ -249,10 +270,10 @@ def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step) -> dict
   return values
 
 
-def _evaluate_loss(eval_fn, batches, b_shard, params) -> dict[str, float]:
+def _evaluate_loss(eval_fn, batches, b_shard, frozen, params) -> dict[str, float]:
   total, weight = 0.0, 0.0
   for b in batches:
-    loss, m = eval_fn(params, _place(b, b_shard))
+    loss, m = eval_fn(params, frozen, _place(b, b_shard))
     w = float(m["weight"])
     total += float(loss) * w
     weight += w
