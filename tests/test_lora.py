@@ -87,3 +87,53 @@ def test_adapters_shard_like_their_base_weights():
       None, "fsdp", None)
   with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
     LoraConfig(targets=("qkv",))
+
+
+def test_peft_format_round_trip_and_peft_library_gives_the_same_logits(tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from hf_models import save_hf_model
+  from jaxpost.models import load_hf
+  from jaxpost.peft import load_peft_adapter, save_peft_adapter
+
+  for family in ("llama", "qwen3"):
+    hf = save_hf_model(family, tmp_path / family)
+    config, params = load_hf(tmp_path / family)
+    lora = LoraConfig(rank=4, alpha=8.0, rslora=family == "qwen3")
+    adapters = init_lora(config, lora, jax.random.key(1))
+    # random B too, so the adapters change the logits
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: (0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+                      if str(p[-1].key) == "b" else x), adapters)
+    save_peft_adapter(config, lora, adapters, tmp_path / f"{family}_adapter")
+    lora2, adapters2 = load_peft_adapter(config, tmp_path / f"{family}_adapter")
+    assert lora2 == lora
+    for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters2)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 24))
+    ours = forward(config, merge_lora(params, adapters, lora), jnp.asarray(tokens)).logits
+    plain = forward(config, params, jnp.asarray(tokens)).logits
+    model = peft.PeftModel.from_pretrained(hf, str(tmp_path / f"{family}_adapter")).eval()
+    with torch.no_grad():
+      ref = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    assert float(np.abs(np.asarray(plain) - ref).max()) > 1e-3  # the adapters matter
+    err = float(np.abs(np.asarray(ours) - ref).max())
+    print(f"{family}: max |jaxpost LoRA - peft| = {err:.2e}")
+    assert err < 1e-4, family
+
+
+def test_unsupported_peft_options_are_refused(tmp_path):
+  from jaxpost.peft import load_peft_adapter, save_peft_adapter
+
+  lora = LoraConfig(rank=2, alpha=4.0, targets=("q",))
+  save_peft_adapter(CONFIG, lora, init_lora(CONFIG, lora, jax.random.key(0)), tmp_path)
+  cfg = tmp_path / "adapter_config.json"
+  import json
+  data = json.loads(cfg.read_text())
+  cfg.write_text(json.dumps(dict(data, use_dora=True)))
+  with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    load_peft_adapter(CONFIG, tmp_path)
+  cfg.write_text(json.dumps(dict(data, target_modules=["q_proj", "lm_head"])))
+  with pytest.raises(ValueError, match="target module 'lm_head'"):
+    load_peft_adapter(CONFIG, tmp_path)
