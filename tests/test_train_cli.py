@@ -150,3 +150,17 @@ def test_lora_run_trains_adapters_only_and_exports_the_merged_model(tmp_path):
   state_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
   base_bytes = sum(x.size * 4 for x in jax.tree.leaves(base))
   assert state_bytes < base_bytes  # adapters and their optimizer state only
+
+  # The adapters are also written in PEFT's format, and a run can start from them.
+  from jaxpost.peft import load_peft_adapter, merge_lora
+  config, _ = load_hf(tmp_path / "run" / "model")
+  lora, adapters = load_peft_adapter(config, tmp_path / "run" / "adapter")
+  assert lora.targets == ("q", "v", "down") and lora.rank == 4
+  merged = merge_lora(base, adapters, lora)
+  np.testing.assert_allclose(merged["layers"]["attn"]["q"], final["layers"]["attn"]["q"],
+                             atol=1e-6)
+  again = load_config(recipe, [f"run_dir={tmp_path / 'again'}", "train.steps=2",
+                               f"lora.init_from={tmp_path / 'run' / 'adapter'}",
+                               f"model.tiny=false", f"model.path={tmp_path / 'run' / 'model'}",
+                               "optim.warmup_steps=0", "train.eval_every=0"])
+  assert train(again)["steps"] == 2

@@ -252,12 +252,14 @@ class LoraSection(Section):
   """LoRA adapters (`jaxpost.peft`): only they train; the base model stays frozen.
 
   `targets` is a comma-separated list of q, k, v, o, gate, up, down; `rslora` scales by
-  alpha / sqrt(rank) instead of alpha / rank.
+  alpha / sqrt(rank) instead of alpha / rank; `init_from` continues from a PEFT-format adapter.
+  A run writes its adapters in PEFT's format to `run_dir/adapter`.
   """
   rank: int = 8
   alpha: float = 16.0
   targets: str = "q,k,v,o,gate,up,down"
   rslora: bool = False
+  init_from: str | None = None  # a PEFT adapter folder to start from (its r/alpha/targets win)
 
   def target_tuple(self) -> tuple[str, ...]:
     return tuple(t.strip() for t in self.targets.split(",") if t.strip())

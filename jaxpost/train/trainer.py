@@ -27,7 +27,8 @@ from jaxpost.losses import sft_loss
 from jaxpost.metrics import MetricWriter, ProgressBar
 from jaxpost.models import load_hf, logical_axes, param_specs, save_hf
 from jaxpost.models.params import is_spec
-from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs, merge_lora
+from jaxpost.peft import (LoraConfig, init_lora, load_peft_adapter, lora_loss, lora_specs,
+                          merge_lora, save_peft_adapter)
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.optim import make_optimizer
@@ -158,12 +159,20 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   if cfg.lora is not None:
     lora = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                       targets=cfg.lora.target_tuple(), rslora=cfg.lora.rslora)
+    loaded = None
+    if cfg.lora.init_from:
+      lora, loaded = load_peft_adapter(c, cfg.lora.init_from, jnp.dtype(cfg.model.dtype))
+      _log(f"LoRA adapters from {cfg.lora.init_from} (r={lora.rank}, alpha={lora.alpha}, "
+           f"targets={','.join(lora.targets)})")
     specs = lora_specs(c, lora)
     t_shard = sharding_lib.param_shardings(
         jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec),
         jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec), mesh)
-    trainable = jax.jit(lambda k: init_lora(c, lora, k, jnp.dtype(cfg.model.dtype)),
-                        out_shardings=t_shard)(jax.random.fold_in(rng, 1))
+    if loaded is not None:
+      trainable = jax.device_put(loaded, t_shard)
+    else:
+      trainable = jax.jit(lambda k: init_lora(c, lora, k, jnp.dtype(cfg.model.dtype)),
+                          out_shardings=t_shard)(jax.random.fold_in(rng, 1))
     frozen, f_shard = {"base": params}, {"base": p_shard}
     loss_fn = lora_loss(loss_fn, lora)
     merge = jax.jit(functools.partial(merge_lora, lora=lora))
@@ -240,6 +249,9 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   final_dir = setup.run_dir / "final"
   if jax.process_index() == 0:
     save_hf(c, full_params(state.params), final_dir)  # LoRA: the merged model
+    if cfg.lora is not None:
+      save_peft_adapter(c, lora, state.params, setup.run_dir / "adapter",
+                        base_model=str(setup.model_dir))
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
       if (setup.model_dir / f).exists():
