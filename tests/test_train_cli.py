@@ -161,6 +161,6 @@ def test_lora_run_trains_adapters_only_and_exports_the_merged_model(tmp_path):
                              atol=1e-6)
   again = load_config(recipe, [f"run_dir={tmp_path / 'again'}", "train.steps=2",
                                f"lora.init_from={tmp_path / 'run' / 'adapter'}",
-                               f"model.tiny=false", f"model.path={tmp_path / 'run' / 'model'}",
+                               "model.tiny=false", f"model.path={tmp_path / 'run' / 'model'}",
                                "optim.warmup_steps=0", "train.eval_every=0"])
   assert train(again)["steps"] == 2

@@ -32,7 +32,7 @@ from jaxpost.peft import (LoraConfig, init_lora, load_peft_adapter, lora_loss, l
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.optim import make_optimizer
-from jaxpost.train.step import TrainState, batch_sharding, init_state, make_train_step, state_shardings
+from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
 
 
 class TrainingError(RuntimeError):
@@ -214,7 +214,6 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
     summary["exact_match_before"] = _exact_match(setup, full_params(state.params))
     _log(f"held-out exact match before training: {summary['exact_match_before']:.3f}")
 
-  tokens_per_batch = t.batch_size * d.seq_len
   writer = MetricWriter(setup.run_dir, enabled=jax.process_index() == 0)
   bar = ProgressBar(t.steps, initial_step=start, disable=None if jax.process_index() == 0 else True)
   pending: tuple[int, dict, float] | None = None
