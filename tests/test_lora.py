@@ -137,3 +137,62 @@ def test_unsupported_peft_options_are_refused(tmp_path):
   cfg.write_text(json.dumps(dict(data, target_modules=["q_proj", "lm_head"])))
   with pytest.raises(ValueError, match="target module 'lm_head'"):
     load_peft_adapter(CONFIG, tmp_path)
+
+
+SHARDED = """
+import functools, sys
+import jax, numpy as np, optax
+sys.path.insert(0, sys.argv[1])
+from test_step import CONFIG, random_batch
+from jaxpost.losses import sft_loss
+from jaxpost.models import init_params, logical_axes, param_specs
+from jaxpost.models.params import is_spec
+from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs
+from jaxpost.sharding import make_mesh, param_shardings
+from jaxpost.train import batch_sharding, init_state, make_train_step, state_shardings
+
+config, lora = CONFIG.replace(num_kv_heads=4), LoraConfig(rank=4, alpha=8.0)
+loss = lora_loss(functools.partial(sft_loss, config=config), lora)
+opt = optax.adamw(1e-2)
+base = init_params(config, jax.random.key(0))
+adapters = init_lora(config, lora, jax.random.key(1))
+
+def run(mesh):
+  if mesh is None:
+    fresh = jax.tree.map(lambda x: x.copy(), adapters)  # the step donates its state
+    step, state, frozen = make_train_step(loss, opt), init_state(fresh, opt, jax.random.key(2)), {"base": base}
+  else:
+    shape = lambda t: jax.tree.map(lambda s: s.shape, t, is_leaf=is_spec)
+    specs = lora_specs(config, lora)
+    b_shard = param_shardings(logical_axes(config), shape(param_specs(config)), mesh)
+    a_shard = param_shardings(jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec), shape(specs), mesh)
+    s_shard = state_shardings(a_shard, adapters, opt, mesh)
+    state = jax.jit(lambda a: init_state(a, opt, jax.random.key(2)), out_shardings=s_shard)(adapters)
+    frozen = {"base": jax.device_put(base, b_shard)}
+    step = make_train_step(loss, opt, state_sharding=s_shard, batch_sharding=batch_sharding(mesh),
+                           frozen_sharding={"base": b_shard})
+    a = state.params["layers"]["attn"]["q"]["a"]
+    w = frozen["base"]["layers"]["attn"]["q"]
+    assert a.sharding.spec[:2] == w.sharding.spec[:2] == (None, "fsdp"), (a.sharding, w.sharding)
+  out = []
+  for i in range(4):
+    state, m = step(state, random_batch(i), frozen)
+    out.append(float(m["loss"]))
+  return np.array(out)
+
+one, eight = run(None), run(make_mesh(data=2, fsdp=2, tensor=2))
+assert np.abs(one - eight).max() < 1e-5, (one, eight)
+print("OK")
+"""
+
+
+def test_lora_on_8_devices_matches_one_device():
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARDED, os.path.dirname(__file__)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "OK" in proc.stdout
