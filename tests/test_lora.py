@@ -14,6 +14,7 @@ from jaxpost.losses import sft_loss
 from jaxpost.models import forward, init_params, param_specs
 from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs, merge_lora
 from jaxpost.sharding import logical_to_spec
+from devices import run_on_8_cpu_devices
 from jaxpost.train import init_state, make_train_step
 from test_step import CONFIG, random_batch
 
@@ -187,12 +188,4 @@ print("OK")
 
 
 def test_lora_on_8_devices_matches_one_device():
-  import os
-  import subprocess
-  import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SHARDED, os.path.dirname(__file__)], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert "OK" in proc.stdout
+  run_on_8_cpu_devices(SHARDED)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from devices import run_on_8_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import sys, tempfile
@@ -40,10 +39,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_load_onto_8_device_mesh_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  here = os.path.dirname(__file__)
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, here], env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "OK" in proc.stdout
+  run_on_8_cpu_devices(SCRIPT)

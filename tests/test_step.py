@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from devices import run_on_8_cpu_devices
 from jaxpost.losses import sft_loss
 from jaxpost.models import ModelConfig, init_params
 from jaxpost.train.step import init_state, make_train_step
@@ -150,9 +148,4 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_8_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SHARDED, os.path.dirname(__file__)], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert "OK" in proc.stdout
+  run_on_8_cpu_devices(SHARDED)
