@@ -64,11 +64,12 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return PartitionSpec(*out)
 
 
-def param_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a tree of logical-axes tuples and a matching tree of shapes."""
+def param_shardings(specs, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of parameter specs (leaves with `.axes` and `.shape`, such as
+  `jaxpost.models.param_specs(config)` or `jaxpost.peft.lora_specs(...)`)."""
   return jax.tree.map(
-      lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
-      axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+      lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)), specs,
+      is_leaf=lambda x: hasattr(x, "axes") and hasattr(x, "shape"))
 
 
 def initialize_distributed(coordinator_address: str | None = None,

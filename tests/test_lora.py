@@ -146,8 +146,7 @@ import jax, numpy as np, optax
 sys.path.insert(0, sys.argv[1])
 from test_step import CONFIG, random_batch
 from jaxpost.losses import sft_loss
-from jaxpost.models import init_params, logical_axes, param_specs
-from jaxpost.models.params import is_spec
+from jaxpost.models import init_params, param_specs
 from jaxpost.peft import LoraConfig, init_lora, lora_loss, lora_specs
 from jaxpost.sharding import make_mesh, param_shardings
 from jaxpost.train import batch_sharding, init_state, make_train_step, state_shardings
@@ -163,10 +162,9 @@ def run(mesh):
     fresh = jax.tree.map(lambda x: x.copy(), adapters)  # the step donates its state
     step, state, frozen = make_train_step(loss, opt), init_state(fresh, opt, jax.random.key(2)), {"base": base}
   else:
-    shape = lambda t: jax.tree.map(lambda s: s.shape, t, is_leaf=is_spec)
     specs = lora_specs(config, lora)
-    b_shard = param_shardings(logical_axes(config), shape(param_specs(config)), mesh)
-    a_shard = param_shardings(jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec), shape(specs), mesh)
+    b_shard = param_shardings(param_specs(config), mesh)
+    a_shard = param_shardings(specs, mesh)
     s_shard = state_shardings(a_shard, adapters, opt, mesh)
     state = jax.jit(lambda a: init_state(a, opt, jax.random.key(2)), out_shardings=s_shard)(adapters)
     frozen = {"base": jax.device_put(base, b_shard)}

@@ -27,14 +27,13 @@ WORKER = textwrap.dedent("""
     import jax, optax
     from test_step import CONFIG, random_batch
     from jaxpost.losses import sft_loss
-    from jaxpost.models import init_params, logical_axes, param_specs
+    from jaxpost.models import init_params, param_specs
     from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
     assert jax.process_count() == 2 and jax.device_count() == 2
     mesh = make_mesh(data=2)
     opt = optax.adamw(1e-2)
     params = init_params(CONFIG, jax.random.key(0))
-    shapes = jax.tree.map(lambda s: s.shape, param_specs(CONFIG), is_leaf=lambda x: hasattr(x, "axes"))
-    sshard = state_shardings(param_shardings(logical_axes(CONFIG), shapes, mesh), params, opt, mesh)
+    sshard = state_shardings(param_shardings(param_specs(CONFIG), mesh), params, opt, mesh)
     state = jax.jit(lambda p: init_state(p, opt, jax.random.key(1)), out_shardings=sshard)(params)
     bs = batch_sharding(mesh)
     step = make_train_step(functools.partial(sft_loss, config=CONFIG), opt, state_sharding=sshard,

@@ -111,7 +111,7 @@ SHARDED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_step import CONFIG, random_batch
     from jaxpost.losses import sft_loss
-    from jaxpost.models import init_params, logical_axes, param_specs
+    from jaxpost.models import init_params, param_specs
     from jaxpost.sharding import make_mesh, param_shardings
     from jaxpost.train.step import (batch_sharding, init_state, make_train_step,
                                     state_shardings)
@@ -123,9 +123,7 @@ SHARDED = textwrap.dedent("""
       if mesh is None:
         step, state = make_train_step(loss, opt), init_state(params, opt, jax.random.key(1))
       else:
-        shapes = jax.tree.map(lambda s: s.shape, param_specs(CONFIG),
-                              is_leaf=lambda x: hasattr(x, "axes"))
-        pshard = param_shardings(logical_axes(CONFIG), shapes, mesh)
+        pshard = param_shardings(param_specs(CONFIG), mesh)
         sshard = state_shardings(pshard, params, opt, mesh)
         state = jax.jit(lambda p: init_state(p, opt, jax.random.key(1)),
                         out_shardings=sshard)(params)

@@ -25,8 +25,7 @@ from jaxpost.config import RunConfig, save_config
 from jaxpost.data import build_sft_batches
 from jaxpost.losses import sft_loss
 from jaxpost.metrics import MetricWriter, ProgressBar
-from jaxpost.models import load_hf, logical_axes, param_specs, save_hf
-from jaxpost.models.params import is_spec
+from jaxpost.models import load_hf, param_specs, save_hf
 from jaxpost.peft import (LoraConfig, init_lora, load_peft_adapter, lora_loss, lora_specs,
                           merge_lora, save_peft_adapter)
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
@@ -147,8 +146,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   c, d, t = setup.config, cfg.data, cfg.train
   mesh = setup.mesh
   optimizer, schedule = make_optimizer(cfg.optim, t.steps)
-  shapes = jax.tree.map(lambda s: s.shape, param_specs(c), is_leaf=is_spec)
-  p_shard = sharding_lib.param_shardings(logical_axes(c), shapes, mesh)
+  p_shard = sharding_lib.param_shardings(param_specs(c), mesh)
   b_shard = batch_sharding(mesh)
   compute_dtype = jnp.dtype(cfg.model.compute_dtype) if cfg.model.compute_dtype else None
   loss_fn = functools.partial(sft_loss, config=c, compute_dtype=compute_dtype,
@@ -164,10 +162,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
       lora, loaded = load_peft_adapter(c, cfg.lora.init_from, jnp.dtype(cfg.model.dtype))
       _log(f"LoRA adapters from {cfg.lora.init_from} (r={lora.rank}, alpha={lora.alpha}, "
            f"targets={','.join(lora.targets)})")
-    specs = lora_specs(c, lora)
-    t_shard = sharding_lib.param_shardings(
-        jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec),
-        jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec), mesh)
+    t_shard = sharding_lib.param_shardings(lora_specs(c, lora), mesh)
     if loaded is not None:
       trainable = jax.device_put(loaded, t_shard)
     else:
