@@ -23,7 +23,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_from_hf, config_to_hf
-from jaxpost.models.params import param_specs, is_spec
+from jaxpost.models.params import param_specs
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -193,38 +193,29 @@ def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
   if dtype is None:
     dtype = where["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
   dtype = np.dtype(jnp.dtype(dtype))
-  if mesh is not None:
-    from jaxpost.models.params import logical_axes
-    shard_tree = sharding_lib.param_shardings(
-        logical_axes(config), jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec), mesh, rules)
-  else:
-    shard_tree = None
+  shard_tree = sharding_lib.param_shardings(specs, mesh, rules) if mesh is not None else None
   device = SingleDeviceSharding(jax.devices()[0])
 
-  params: dict = {}
+  # Every tensor's shape against the config, before anything is read.
   for m in maps:
     spec = _get_path(specs, m.path)
-    layer_shape = spec.shape[1:] if m.per_layer else spec.shape
-
-    def read(i, m=m, layer_shape=layer_shape):
+    want = m.to_hf(np.zeros(spec.shape[1:] if m.per_layer else spec.shape, np.int8)).shape
+    for i in (range(config.num_layers) if m.per_layer else [None]):
       name = m.hf.format(i=i)
-      raw = where[name].get(name)
-      out = m.to_ours(raw)
-      if out.shape != layer_shape:
-        raise CheckpointError(
-            f"{where[name].path}: tensor {name!r} has shape {list(raw.shape)}, but the config "
-            f"implies {list(m.to_hf(np.zeros(layer_shape, np.float32)).shape)}")
-      return out
-
-    for i in range(config.num_layers if m.per_layer else 1):  # validate all shapes up front
-      name = m.hf.format(i=i)
-      want = m.to_hf(np.zeros(layer_shape, np.int8)).shape
       if where[name].shape(name) != want:
         raise CheckpointError(
             f"{where[name].path}: tensor {name!r} has shape {list(where[name].shape(name))}, "
             f"but config.json implies {list(want)}")
 
-    def callback(index, m=m, read=read):
+  params: dict = {}
+  for m in maps:
+    spec = _get_path(specs, m.path)
+
+    def read(i, m=m):
+      name = m.hf.format(i=i)
+      return m.to_ours(where[name].get(name))
+
+    def callback(index, m=m, read=read, spec=spec):
       if not m.per_layer:
         return _cast(read(None)[index], dtype)
       layers = range(spec.shape[0])[index[0]]
