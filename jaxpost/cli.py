@@ -31,6 +31,7 @@ def _generate(model_dir: Path, prompt: str, *, max_new_tokens: int, temperature:
               top_k: int | None, top_p: float | None, seed: int) -> None:
   import jax  # pylint: disable=import-outside-toplevel
 
+  from jaxpost.data import pad_id_of  # pylint: disable=import-outside-toplevel
   from jaxpost.models import load_hf  # pylint: disable=import-outside-toplevel
   from jaxpost.sampling import generate  # pylint: disable=import-outside-toplevel
   from jaxpost.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
@@ -44,7 +45,7 @@ def _generate(model_dir: Path, prompt: str, *, max_new_tokens: int, temperature:
     ids = tokenizer.encode(prompt)
   stops = tokenizer.eos_ids
   kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, stop_tokens=stops, pad_id=tokenizer.pad_id or 0)
+                top_p=top_p, stop_tokens=stops, pad_id=pad_id_of(tokenizer))
   t0 = time.perf_counter()
   out = generate(config, params, [ids], seed=seed, **kwargs)
   jax.block_until_ready(out.tokens)

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpost.data import pad_id_of
 from jaxpost.models import ModelConfig
 from jaxpost.sampling import generate
 from jaxpost.tokenizer import Tokenizer
@@ -39,7 +40,7 @@ def exact_match(config: ModelConfig, params: dict, tokenizer: Tokenizer, rows: S
     chunk = prompts[start:start + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompts) > batch_size else chunk
     out = generate(config, params, chunk, max_new_tokens=max_new_tokens, temperature=0.0,
-                   stop_tokens=tokenizer.eos_ids, pad_id=tokenizer.pad_id or 0,
+                   stop_tokens=tokenizer.eos_ids, pad_id=pad_id_of(tokenizer),
                    compute_dtype=compute_dtype)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i in range(min(batch_size, len(prompts) - start)):
