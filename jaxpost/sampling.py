@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxpost.models import ModelConfig, forward, init_cache, lm_head
+from jaxpost.models import ModelConfig, forward, lm_head, start_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ def generate(
   rng = jax.random.key(seed) if isinstance(seed, int) else seed
   stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [-1], jnp.int32)
   if cache_dtype is None:
-    cache_dtype = compute_dtype or params["embed"].dtype
+    cache_dtype = compute_dtype or jnp.dtype(params["embed"].dtype)
   return _generate(config, sampler, max_new_tokens, jnp.dtype(cache_dtype),
                    None if compute_dtype is None else jnp.dtype(compute_dtype),
                    params, jnp.asarray(tokens), jnp.asarray(segments), rng, stops,
@@ -128,7 +128,7 @@ def generate(
 def _generate(config, sampler, max_new, cache_dtype, compute_dtype, params, tokens_BxP,
               segments_BxP, rng, stops_S, pad_id):
   B, P = tokens_BxP.shape
-  cache = init_cache(config, B, P + max_new, cache_dtype)
+  cache = start_cache(config, params, B, P + max_new, cache_dtype)
   out = forward(config, params, tokens_BxP, segment_ids=segments_BxP, cache=cache,
                 compute_dtype=compute_dtype, compute_logits=False)
   logits_BxV = lm_head(config, params, out.final_hidden[:, -1:])[:, 0]

@@ -90,38 +90,51 @@ def test_adapters_shard_like_their_base_weights():
     LoraConfig(targets=("qkv",))
 
 
-def test_peft_format_round_trip_and_peft_library_gives_the_same_logits(tmp_path):
+# (family, LoRA variant): embedding and LM-head adapters on untied Llama; rsLoRA + DoRA on Qwen3
+PEFT_CASES = [
+    ("llama", LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down",
+                                                     "embed", "lm_head"))),
+    ("qwen3", LoraConfig(rank=4, alpha=8.0, rslora=True, dora=True,
+                         targets=("q", "k", "v", "o", "gate", "up", "down"))),
+]
+
+
+@pytest.mark.parametrize("family,lora", PEFT_CASES, ids=["llama-lora-embed-head", "qwen3-dora"])
+def test_peft_format_round_trip_and_peft_library_gives_the_same_logits(tmp_path, family, lora):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
   from hf_models import save_hf_model
   from jaxpost.models import load_hf
-  from jaxpost.peft import load_peft_adapter, save_peft_adapter
+  from jaxpost.peft import attach_lora, load_peft_adapter, save_peft_adapter
 
-  for family in ("llama", "qwen3"):
-    hf = save_hf_model(family, tmp_path / family)
-    config, params = load_hf(tmp_path / family)
-    lora = LoraConfig(rank=4, alpha=8.0, rslora=family == "qwen3")
-    adapters = init_lora(config, lora, jax.random.key(1))
-    # random B too, so the adapters change the logits
-    adapters = jax.tree_util.tree_map_with_path(
-        lambda p, x: (0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-                      if str(p[-1].key) == "b" else x), adapters)
-    save_peft_adapter(config, lora, adapters, tmp_path / f"{family}_adapter")
-    lora2, adapters2 = load_peft_adapter(config, tmp_path / f"{family}_adapter")
-    assert lora2 == lora
-    for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters2)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  hf = save_hf_model(family, tmp_path / family)
+  config, params = load_hf(tmp_path / family)
+  adapters = init_lora(config, lora, jax.random.key(1), base=params)
+  # random B (and magnitudes) too, so the adapters change the logits
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+                    if str(p[-1].key) == "b" else
+                    x * (1 + 0.1 * jax.random.normal(jax.random.key(3), x.shape))
+                    if str(p[-1].key) == "m" else x), adapters)
+  save_peft_adapter(config, lora, adapters, tmp_path / "adapter")
+  lora2, adapters2 = load_peft_adapter(config, tmp_path / "adapter")
+  assert lora2 == lora
+  for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters2)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 24))
-    ours = forward(config, merge_lora(params, adapters, lora), jnp.asarray(tokens)).logits
-    plain = forward(config, params, jnp.asarray(tokens)).logits
-    model = peft.PeftModel.from_pretrained(hf, str(tmp_path / f"{family}_adapter")).eval()
-    with torch.no_grad():
-      ref = model(input_ids=torch.tensor(tokens)).logits.numpy()
-    assert float(np.abs(np.asarray(plain) - ref).max()) > 1e-3  # the adapters matter
-    err = float(np.abs(np.asarray(ours) - ref).max())
-    print(f"{family}: max |jaxpost LoRA - peft| = {err:.2e}")
-    assert err < 1e-4, family
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 24)))
+  merged = forward(config, merge_lora(params, adapters, lora), tokens).logits
+  factored = forward(config, attach_lora(params, adapters, lora), tokens).logits
+  plain = forward(config, params, tokens).logits
+  model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(np.asarray(tokens))).logits.numpy()
+  assert float(np.abs(np.asarray(plain) - ref).max()) > 1e-3  # the adapters matter
+  err = float(np.abs(np.asarray(factored) - ref).max())
+  merge_err = float(np.abs(np.asarray(merged) - np.asarray(factored)).max())
+  print(f"{family}: max |jaxpost - peft| = {err:.2e}, |merged - factored| = {merge_err:.2e}")
+  assert err < 1e-4, family
+  assert merge_err < 1e-5, family
 
 
 def test_unsupported_peft_options_are_refused(tmp_path):
@@ -132,11 +145,14 @@ def test_unsupported_peft_options_are_refused(tmp_path):
   cfg = tmp_path / "adapter_config.json"
   import json
   data = json.loads(cfg.read_text())
-  cfg.write_text(json.dumps(dict(data, use_dora=True)))
-  with pytest.raises(ValueError, match="use_dora=True is not supported"):
+  cfg.write_text(json.dumps(dict(data, bias="all")))
+  with pytest.raises(ValueError, match="bias='all' is not supported"):
     load_peft_adapter(CONFIG, tmp_path)
-  cfg.write_text(json.dumps(dict(data, target_modules=["q_proj", "lm_head"])))
-  with pytest.raises(ValueError, match="target module 'lm_head'"):
+  cfg.write_text(json.dumps(dict(data, target_modules=["q_proj", "score"])))
+  with pytest.raises(ValueError, match="target module 'score'"):
+    load_peft_adapter(CONFIG, tmp_path)
+  cfg.write_text(json.dumps(dict(data, use_dora=True)))
+  with pytest.raises(ValueError, match="lora_magnitude_vector' is missing"):
     load_peft_adapter(CONFIG, tmp_path)
 
 
@@ -187,3 +203,64 @@ print("OK")
 
 def test_lora_on_8_devices_matches_one_device():
   run_on_8_cpu_devices(SHARDED)
+
+
+def test_dora_and_factored_lora_equal_the_base_at_init(base):
+  from jaxpost.peft import attach_lora
+  tokens = jnp.arange(16)[None] % CONFIG.vocab_size
+  f = jax.jit(forward, static_argnums=0)
+  want = f(CONFIG, base, tokens).logits
+  adapters = init_lora(CONFIG, LORA, jax.random.key(1))
+  np.testing.assert_array_equal(f(CONFIG, attach_lora(base, adapters, LORA), tokens).logits, want)
+  # DoRA: m / ||W||_c is 1 up to the rounding of two separately reduced norms
+  dora = LoraConfig(rank=4, alpha=8.0, dora=True)
+  adapters = init_lora(CONFIG, dora, jax.random.key(1), base=base)
+  got = f(CONFIG, attach_lora(base, adapters, dora), tokens).logits
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  m = init_lora(CONFIG, dora, jax.random.key(1), base=base)["layers"]["attn"]["o"]["m"]
+  w = np.asarray(base["layers"]["attn"]["o"])  # [L, H, Dh, D]: norm over (H, Dh) per output
+  np.testing.assert_allclose(m, np.sqrt((w ** 2).sum(axis=(1, 2))), rtol=1e-6)
+  with pytest.raises(ValueError, match="pass base=params"):
+    init_lora(CONFIG, dora, jax.random.key(1))
+
+
+def test_lora_dropout_only_while_training(base):
+  lora = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+  adapters = init_lora(CONFIG, lora, jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # non-zero B, so dropout shows
+  loss = jax.jit(lora_loss(functools.partial(sft_loss, config=CONFIG), lora))
+  batch = random_batch(0)
+  evals = [float(loss(adapters, batch, None, base=base)[0]) for _ in range(2)]
+  trains = [float(loss(adapters, batch, jax.random.key(i), base=base)[0]) for i in range(2)]
+  assert evals[0] == evals[1]
+  assert trains[0] != trains[1] and evals[0] not in trains
+  no_drop = lora_loss(functools.partial(sft_loss, config=CONFIG), LORA)
+  assert float(no_drop(adapters, batch, jax.random.key(0), base=base)[0]) == float(
+      no_drop(adapters, batch, None, base=base)[0])
+
+
+def test_qlora_trains_adapters_over_an_nf4_base_without_dequantising_it_for_good(base):
+  from jaxpost.peft import attach_lora, dequantize_params, quantize_params
+  qbase = quantize_params(base, kind="nf4")
+  tokens = jnp.arange(16)[None] % CONFIG.vocab_size
+  f = jax.jit(forward, static_argnums=0)
+  # the quantised forward equals the forward of the dequantised weights
+  np.testing.assert_allclose(f(CONFIG, qbase, tokens).logits,
+                             f(CONFIG, dequantize_params(qbase), tokens).logits, atol=1e-5)
+  lora = LoraConfig(rank=4, alpha=8.0, dora=True)
+  adapters = init_lora(CONFIG, lora, jax.random.key(1), base=qbase)
+  got = f(CONFIG, attach_lora(qbase, adapters, lora), tokens).logits
+  np.testing.assert_allclose(got, f(CONFIG, qbase, tokens).logits, atol=2e-6)
+  # merging folds the adapters into dequantised plain weights
+  merged = merge_lora(qbase, adapters, lora)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
+  np.testing.assert_allclose(f(CONFIG, merged, tokens).logits, got, atol=2e-5)
+
+  opt = optax.adamw(1e-2)
+  step = make_train_step(lora_loss(functools.partial(sft_loss, config=CONFIG), LORA), opt)
+  state = init_state(init_lora(CONFIG, LORA, jax.random.key(1)), opt, jax.random.key(2))
+  losses = []
+  for _ in range(6):
+    state, m = step(state, random_batch(0), {"base": qbase})
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0] - 0.1, losses

@@ -14,6 +14,8 @@ from flax import struct
 from jaxpost.models.config import ModelConfig
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Segment id of shared-prefix slots (prompt / prefix tuning): visible to every segment.
+PREFIX_SEGMENT = -1
 
 
 @struct.dataclass
@@ -38,7 +40,13 @@ class KVCache:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+  return init_cache_shaped(config.num_layers, batch, config.num_kv_heads, max_len,
+                           config.head_dim, dtype)
+
+
+def init_cache_shaped(layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                      dtype=jnp.float32) -> KVCache:
+  shape = (layers, batch, kv_heads, max_len, head_dim)
   return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
@@ -48,14 +56,52 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32)
   )
 
 
+@struct.dataclass
+class Prefix:
+  """Keys and values every row starts from: learned (prefix tuning) or computed from a soft
+  prompt (prompt tuning). Batch-independent; placed in the first slots of each row's cache.
+
+  k, v:      [L, K, P, Dh]
+  next_pos:  []  RoPE position of the first real token after it (P for a soft prompt that
+             went through the model, 0 for positionless prefix keys)
+  """
+
+  k: jax.Array
+  v: jax.Array
+  next_pos: jax.Array
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+
+def prefix_cache(prefix: Prefix, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """A cache of `max_len` slots per row whose first slots hold `prefix` (visible to every
+  segment), ready for the tokens that follow it."""
+  cache = init_cache_shaped(prefix.k.shape[0], batch, prefix.k.shape[1], max_len,
+                            prefix.k.shape[3], dtype)
+  P = prefix.length
+  k = jnp.broadcast_to(prefix.k[:, None].astype(dtype), (cache.k.shape[0], batch) + prefix.k.shape[1:])
+  v = jnp.broadcast_to(prefix.v[:, None].astype(dtype), (cache.v.shape[0], batch) + prefix.v.shape[1:])
+  return KVCache(
+      k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
+      v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
+      segment_ids=cache.segment_ids.at[:, :P].set(PREFIX_SEGMENT),
+      next_pos=jnp.broadcast_to(jnp.asarray(prefix.next_pos, jnp.int32), (batch,)),
+      index=jnp.asarray(P, jnp.int32),
+  )
+
+
 def attention_mask(q_slots_T, k_slots_S, q_seg_BxT, k_seg_BxS, window: int | None):
-  """Boolean [B, T, S]: causal by slot, same non-zero segment, within `window` if given."""
+  """Boolean [B, T, S]: causal by slot, same non-zero segment (or a shared-prefix slot),
+  within `window` if given."""
   q = q_slots_T[:, None]
   k = k_slots_S[None, :]
   allowed_TxS = k <= q
   if window is not None:
     allowed_TxS = allowed_TxS & (q - k < window)
-  same_BxTxS = (q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
+  k_seg = k_seg_BxS[:, None, :]
+  same_BxTxS = ((q_seg_BxT[:, :, None] == k_seg) | (k_seg == PREFIX_SEGMENT)) & (k_seg != 0)
   return allowed_TxS[None, :, :] & same_BxTxS
 
 

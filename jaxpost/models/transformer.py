@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxpost.models.attention import KVCache, attend, attention_mask
+from jaxpost.models.attention import (KVCache, Prefix, attend, attention_mask, init_cache,
+                                      prefix_cache)
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.rope import apply_rope, rope_tables
+from jaxpost.models.weights import base_of, cast_tree, lookup, project
 
 
 @struct.dataclass
@@ -55,21 +57,23 @@ def _activation(config: ModelConfig, x):
 
 
 def mlp(config: ModelConfig, p, x_BxTxD):
-  gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["gate"])
-  up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["up"])
+  dt = x_BxTxD.dtype
+  gate_BxTxF = project("btd,df->btf", x_BxTxD, p["gate"], dt)
+  up_BxTxF = project("btd,df->btf", x_BxTxD, p["up"], dt)
   if config.mlp_bias:
     gate_BxTxF = gate_BxTxF + _lead(p["gate_bias"], gate_BxTxF)
     up_BxTxF = up_BxTxF + _lead(p["up_bias"], up_BxTxF)
-  out_BxTxD = jnp.einsum("btf,fd->btd", _activation(config, gate_BxTxF) * up_BxTxF, p["down"])
+  out_BxTxD = project("btf,fd->btd", _activation(config, gate_BxTxF) * up_BxTxF, p["down"], dt)
   if config.mlp_bias:
     out_BxTxD = out_BxTxD + _lead(p["down_bias"], out_BxTxD)
   return out_BxTxD
 
 
 def _project_qkv(config: ModelConfig, p, x_BxTxD):
-  q = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["q"])
-  k = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["k"])
-  v = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["v"])
+  dt = x_BxTxD.dtype
+  q = project("btd,dhk->bthk", x_BxTxD, p["q"], dt)
+  k = project("btd,dhk->bthk", x_BxTxD, p["k"], dt)
+  v = project("btd,dhk->bthk", x_BxTxD, p["v"], dt)
   if config.qkv_bias:
     q, k, v = q + _lead(p["q_bias"], q), k + _lead(p["k_bias"], k), v + _lead(p["v_bias"], v)
   if config.qk_norm:
@@ -94,8 +98,9 @@ def _segment_positions(segment_ids_BxT):
 def forward(
     config: ModelConfig,
     params: dict,
-    tokens_BxT: jax.Array,
+    tokens_BxT: jax.Array | None,
     *,
+    embeddings: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: KVCache | None = None,
@@ -107,7 +112,9 @@ def forward(
   """Runs the decoder.
 
   Args:
-    tokens_BxT: int token ids.
+    tokens_BxT: int token ids (None when `embeddings` are given).
+    embeddings: [B, T, D] input embeddings used instead of looking up tokens (the rows of an
+      embedding matrix: Gemma's sqrt(D) scaling still applies), e.g. a soft prompt.
     positions: RoPE positions [B, T]. Default: restart at 0 for every segment (packed rows)
       and skip padding; with a cache, continue from `cache.next_pos`.
     segment_ids: [B, T] ints; tokens attend only within their own segment; 0 is padding.
@@ -119,10 +126,22 @@ def forward(
     return_hidden_states: also return the embeddings and each layer's output.
     compute_logits: False skips the LM head (a chunked loss can call `lm_head` itself).
     remat: rematerialise each layer in the backward pass (saves activation memory).
+
+  Params may hold a `Prefix` under "prefix" (prompt or prefix tuning, see `jaxpost.peft`):
+  without a `cache`, every row then starts from the prefix's keys and values, and positions
+  continue after it. (With a cache, the cache is expected to start with it already; see
+  `start_cache`.)
   """
   c = config
-  B, T = tokens_BxT.shape
-  dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+  B, T = tokens_BxT.shape if tokens_BxT is not None else embeddings.shape[:2]
+  dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else jnp.dtype(
+      params["embed"].dtype)
+  return_cache = cache is not None
+  if cache is None and params.get("prefix") is not None:
+    prefix: Prefix = params["prefix"]
+    cache = prefix_cache(prefix, B, prefix.length + T, dtype)
+    if positions is not None:
+      positions = positions + prefix.next_pos
   if segment_ids is None:
     segment_ids = jnp.ones((B, T), jnp.int32)
   segment_ids = segment_ids.astype(jnp.int32)
@@ -157,7 +176,7 @@ def forward(
   def layer(carry, xs):
     x_BxTxD, k_all, v_all = carry
     lp, flag, i = xs
-    lp = jax.tree.map(lambda a: a.astype(dtype), lp)
+    lp = cast_tree(lp, dtype)
     mask = select(flag, sliding_mask, full_mask)
     cos, sin = select(flag, sliding_rope, full_rope)
     h = rms_norm(c, x_BxTxD, lp["attn_pre_norm"])
@@ -172,7 +191,7 @@ def forward(
       k_BxKxSxDh = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(dtype)
       v_BxKxSxDh = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(dtype)
     attn_BxTxHxDh = attend(c, q, k_BxKxSxDh, v_BxKxSxDh, mask)
-    out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxDh, lp["attn"]["o"])
+    out = project("bthk,hkd->btd", attn_BxTxHxDh, lp["attn"]["o"], dtype)
     if c.o_bias:
       out = out + _lead(lp["attn"]["o_bias"], out)
     if c.sandwich_norm:
@@ -188,7 +207,10 @@ def forward(
   if remat:
     layer = jax.checkpoint(layer, prevent_cse=False)
 
-  x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0).astype(dtype)
+  if embeddings is not None:
+    x_BxTxD = embeddings.astype(dtype)
+  else:
+    x_BxTxD = lookup(params["embed"], tokens_BxT, dtype)
   if c.scale_embeddings:
     x_BxTxD = x_BxTxD * jnp.asarray(c.embed_scale, dtype)
   carry = (x_BxTxD, cache.k if cache is not None else None,
@@ -203,7 +225,7 @@ def forward(
   logits = lm_head(c, params, final_BxTxD) if compute_logits else None
 
   new_cache = None
-  if cache is not None:
+  if return_cache:
     new_pos = jnp.where(valid_BxT, positions + 1, 0).max(axis=1)
     new_cache = KVCache(k=new_k, v=new_v, segment_ids=k_seg_BxS,
                         next_pos=jnp.maximum(cache.next_pos, new_pos), index=cache.index + T)
@@ -211,16 +233,27 @@ def forward(
                 cache=new_cache)
 
 
-def lm_head_weight(config: ModelConfig, params: dict) -> jax.Array:
-  """The [D, V] output projection (the transposed embedding when tied)."""
-  return params["embed"].T if config.tie_embeddings else params["lm_head"]
+def lm_head_weight(config: ModelConfig, params: dict) -> Any:
+  """The [D, V] output projection: the transposed base embedding when tied (an adapter on the
+  embedding does not reach the tied head, as in PEFT), else `lm_head` (array or weight object)."""
+  return base_of(params["embed"]).T if config.tie_embeddings else params["lm_head"]
 
 
 def lm_head(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array) -> jax.Array:
   """Logits [B, T, V] in float32 from final hidden states, with Gemma 2's final soft-cap."""
-  w_DxV = lm_head_weight(config, params).astype(hidden_BxTxD.dtype)
-  logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+  logits = project("btd,dv->btv", hidden_BxTxD, lm_head_weight(config, params),
+                   hidden_BxTxD.dtype, preferred_element_type=jnp.float32)
   if config.final_logit_softcap:
     cap = config.final_logit_softcap
     logits = jnp.tanh(logits / cap) * cap
   return logits
+
+
+def start_cache(config: ModelConfig, params: dict, batch: int, length: int,
+                dtype=jnp.float32) -> KVCache:
+  """An empty cache with room for `length` tokens per row, after the params' `Prefix` (prompt
+  or prefix tuning) when they have one."""
+  prefix = params.get("prefix")
+  if prefix is None:
+    return init_cache(config, batch, length, dtype)
+  return prefix_cache(prefix, batch, prefix.length + length, dtype)

@@ -103,6 +103,19 @@ class QuantizedWeight:
   block_size: int = flax.struct.field(pytree_node=False, default=64)
   scale_block_size: int = flax.struct.field(pytree_node=False, default=256)
   double_quant: bool = flax.struct.field(pytree_node=False, default=True)
+  stored_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+  # A weight object for `jaxpost.models.weights`: the forward pass projects through it.
+  @property
+  def dtype(self):
+    """The dtype of the weight this stands for (what `materialize` gives by default)."""
+    return jnp.dtype(self.stored_dtype)
+
+  def project(self, eqn: str, x: jax.Array, dtype, **einsum_kwargs) -> jax.Array:
+    return qeinsum(eqn, x, self, dtype=dtype, **einsum_kwargs)
+
+  def materialize(self, dtype) -> jax.Array:
+    return dequantize(self, dtype)
 
   @property
   def leading_shape(self) -> tuple[int, ...]:
@@ -168,7 +181,7 @@ def quantize(w: jax.Array, kind: Kind = "nf4", *, leading: int = 0, double_quant
   return QuantizedWeight(codes=unflat(codes), scale_codes=unflat(scale_codes),
                          scale_scales=unflat(scale_scales), offset=unflat(offset), shape=shape,
                          kind=kind, block_size=block_size, scale_block_size=scale_block_size,
-                         double_quant=double_quant)
+                         double_quant=double_quant, stored_dtype=jnp.dtype(w.dtype).name)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
