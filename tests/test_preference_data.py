@@ -58,7 +58,8 @@ def test_pair_layout_is_exact_for_strings(tok, tmp_path):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
       "tokens": ((1, 2, T), np.int32), "targets": ((1, 2, T), np.int32),
       "loss_mask": ((1, 2, T), np.bool_), "segment_ids": ((1, 2, T), np.int32),
-      "positions": ((1, 2, T), np.int32)}
+      "positions": ((1, 2, T), np.int32), "index": ((1,), np.int32)}
+  np.testing.assert_array_equal(batch["index"], [0])
   prompt_ids = tok.encode(prompt)
   P = len(prompt_ids)
   for side, completion in enumerate((chosen, rejected)):
@@ -77,7 +78,7 @@ def test_pair_layout_is_exact_for_strings(tok, tmp_path):
     assert trained_text(tok, batch, (0, side)) == [completion + "<eos>"]
   np.testing.assert_array_equal(batch["tokens"][0, 0, :P], batch["tokens"][0, 1, :P])
   # [B, 2, T] -> [2B, T] puts each pair's chosen then rejected side in consecutive rows.
-  assert real_text(tok, {k: v.reshape(2, T) for k, v in batch.items()}, 1) == (
+  assert real_text(tok, {k: v.reshape(2, T) for k, v in batch.items() if k != "index"}, 1) == (
       prompt + rejected + "<eos>")
 
 
@@ -257,8 +258,8 @@ def test_kto_batches_labels_and_mismatched_kl_rows(tok, tmp_path):
   batches = build_kto_batches(path, tok, seq_len=48, batch_size=3, shuffle=False)
   assert (batches.stats.desirable, batches.stats.undesirable) == (2, 1)
   batch = next(batches)
-  assert set(batch) == {*KEYS, "label", *(f"kl_{k}" for k in KEYS)}
-  assert all(batch[k].shape == (3, 48) for k in batch if k != "label")
+  assert set(batch) == {*KEYS, "label", "index", *(f"kl_{k}" for k in KEYS)}
+  assert all(batch[k].shape == (3, 48) for k in batch if k not in ("label", "index"))
   assert batch["label"].dtype == np.int32 and batch["label"].tolist() == [1, 0, 1]
 
   def prompt(question):

@@ -12,13 +12,13 @@ from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_
                                    load_config, save_config, suggest_key, valid_keys)
 from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
                                      DistributedSection, LoraSection, MeshSection, ModelSection,
-                                     OptimSection, RunConfig, Section, TaskSection,
-                                     TrainSection)
+                                     OptimSection, PreferenceSection, PromptSection, RunConfig,
+                                     Section, TaskSection, TrainSection)
 
 __all__ = [
     "CheckpointSection", "ConfigError", "DataSection", "DistributedSection", "LoraSection",
     "MeshSection",
-    "ModelSection", "OptimSection", "RunConfig", "Section", "TaskSection", "TrainSection", "apply_overrides",
+    "ModelSection", "OptimSection", "PreferenceSection", "PromptSection", "RunConfig", "Section", "TaskSection", "TrainSection", "apply_overrides",
     "config_from_dict", "config_to_dict", "load_config", "save_config", "suggest_key",
     "valid_keys",
 ]

@@ -34,7 +34,8 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-Algorithm = Literal["sft"]
+Algorithm = Literal["sft", "reward", "dpo", "kto"]
+PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "cdpo", "robust", "simpo", "orpo"]
 Dtype = Literal["float32", "bfloat16"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
 OnBadRow = Literal["error", "skip"]
@@ -251,14 +252,19 @@ class TaskSection(Section):
 class LoraSection(Section):
   """LoRA adapters (`jaxpost.peft`): only they train; the base model stays frozen.
 
-  `targets` is a comma-separated list of q, k, v, o, gate, up, down; `rslora` scales by
-  alpha / sqrt(rank) instead of alpha / rank; `init_from` continues from a PEFT-format adapter.
-  A run writes its adapters in PEFT's format to `run_dir/adapter`.
+  `targets` is a comma-separated list of q, k, v, o, gate, up, down, embed, lm_head; `rslora`
+  scales by alpha / sqrt(rank) instead of alpha / rank; `dropout` drops the adapter input while
+  training; `dora` adds DoRA's magnitude vectors; `quantize` stores the frozen base in NF4 or
+  int8 (QLoRA); `init_from` continues from a PEFT-format adapter. A run writes its adapters in
+  PEFT's format to `run_dir/adapter`.
   """
   rank: int = 8
   alpha: float = 16.0
   targets: str = "q,k,v,o,gate,up,down"
   rslora: bool = False
+  dropout: float = 0.0
+  dora: bool = False
+  quantize: Literal["none", "nf4", "int8"] = "none"
   init_from: str | None = None  # a PEFT adapter folder to start from (its r/alpha/targets win)
 
   def target_tuple(self) -> tuple[str, ...]:
@@ -267,11 +273,75 @@ class LoraSection(Section):
   def validate(self, prefix: str) -> None:
     _require(self.rank >= 1, f"{prefix}rank must be >= 1, got {self.rank}")
     _require(self.alpha > 0, f"{prefix}alpha must be > 0, got {self.alpha}")
-    allowed = ("q", "k", "v", "o", "gate", "up", "down")
+    _require(0 <= self.dropout < 1, f"{prefix}dropout must be in [0, 1), got {self.dropout}")
+    allowed = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
     bad = [t for t in self.target_tuple() if t not in allowed]
     _require(not bad and bool(self.target_tuple()),
              f"{prefix}targets has {bad[0] if bad else 'nothing'!r}; use a comma-separated list "
              f"of {', '.join(allowed)}")
+    _require(not (self.dora and "embed" in self.target_tuple()),
+             f"{prefix}dora=true adapts linear layers only; remove 'embed' from {prefix}targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSection(Section):
+  """Prompt tuning (`kind: prompt`, learned input embeddings) or prefix tuning (`kind:
+  prefix`, learned per-layer keys and values) of `num_tokens` virtual tokens over a frozen
+  model. `init_text` starts them from that text's tokens (default: random vocabulary ids).
+  The run writes them in PEFT's format to `run_dir/adapter`."""
+  kind: Literal["prompt", "prefix"] = "prompt"
+  num_tokens: int = 16
+  init_text: str | None = None
+
+  def validate(self, prefix: str) -> None:
+    _require(self.num_tokens >= 1, f"{prefix}num_tokens must be >= 1, got {self.num_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSection(Section):
+  """Preference optimisation and reward models (`algorithm: dpo | kto | reward`).
+
+  dpo: `loss_type` sigmoid (DPO), hinge, ipo, cdpo, robust, simpo, orpo (the last two need no
+    reference model); `beta`; `label_smoothing` (cdpo, robust); `gamma` (SimPO's margin);
+    `length_normalize` averages log-probs per token for every loss type.
+  Reference model: `reference: in_step` computes its log-probs inside the compiled step from
+    frozen weights (under LoRA or prompt tuning: the base model, adapters off); `precomputed`
+    computes them once over the data before training. `sync_every` > 0 (TR-DPO) moves the
+    reference towards the policy every N steps: ref <- sync_alpha * policy + (1 - alpha) * ref.
+  kto: `desirable_weight`, `undesirable_weight`.
+  reward: Bradley-Terry with `margin` and `center_coefficient` (reward centering).
+  `max_prompt_length` keeps each prompt's last tokens.
+  """
+  loss_type: PreferenceLoss = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  gamma: float = 0.0
+  length_normalize: bool = False
+  reference: Literal["in_step", "precomputed"] = "in_step"
+  sync_every: int = 0
+  sync_alpha: float = 1.0
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  margin: float = 0.0
+  center_coefficient: float = 0.0
+  max_prompt_length: int | None = None
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.loss_type not in ("simpo", "orpo")
+
+  def validate(self, prefix: str) -> None:
+    _require(self.beta > 0, f"{prefix}beta must be > 0, got {self.beta}")
+    _require(0 <= self.label_smoothing < 0.5,
+             f"{prefix}label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    _require(self.sync_every >= 0, f"{prefix}sync_every must be >= 0, got {self.sync_every}")
+    _require(0 < self.sync_alpha <= 1,
+             f"{prefix}sync_alpha must be in (0, 1], got {self.sync_alpha}")
+    _require(self.center_coefficient >= 0,
+             f"{prefix}center_coefficient must be >= 0, got {self.center_coefficient}")
+    _require(not (self.sync_every and self.reference == "precomputed"),
+             f"{prefix}sync_every needs {prefix}reference=in_step (a precomputed reference "
+             "cannot move)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -294,6 +364,8 @@ class RunConfig:
   checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
   task: TaskSection | None = None
   lora: LoraSection | None = None
+  prompt: PromptSection | None = None
+  preference: PreferenceSection = dataclasses.field(default_factory=PreferenceSection)
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a
@@ -324,6 +396,16 @@ class RunConfig:
              f"mesh.data x mesh.fsdp = {shards}")
     _require(self.optim.warmup_steps <= t.steps,
              f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={t.steps}")
+    _require(self.lora is None or self.prompt is None,
+             "lora and prompt are exclusive; keep one of the two sections")
+    _require(not (self.algorithm == "kto" and self.preference.reference == "precomputed"),
+             "preference.reference=precomputed is for paired data; KTO's KL rows change with "
+             "every batch, so use preference.reference=in_step")
+    _require(self.algorithm != "reward" or (self.lora is None and self.prompt is None),
+             "algorithm=reward trains the whole model and its score head; remove the lora / "
+             "prompt section")
+    _require(self.algorithm != "kto" or t.batch_size >= 2,
+             "algorithm=kto needs train.batch_size >= 2 (its KL rows pair different rows)")
     ckpt = self.checkpoint
     _require(ckpt.keep_best == 0 or not ckpt.best_metric.startswith("eval/")
              or t.eval_every > 0,

@@ -144,7 +144,16 @@ class PreferenceIterator(Iterator[dict[str, np.ndarray]]):
     items = [self._items[i] for i in indices]
     items += [None] * (self.batch_size - len(items))  # padding items, if not dropped
     self._batch += 1
-    return self.collate(items, self.seq_len, pad_id=self.pad_id, max_length=self.limit)
+    batch = self.collate(items, self.seq_len, pad_id=self.pad_id, max_length=self.limit)
+    # which item each row is (-1: padding), e.g. to look up precomputed reference log-probs
+    batch["index"] = np.full((self.batch_size,), -1, np.int32)
+    batch["index"][:len(indices)] = indices
+    return batch
+
+  @property
+  def fingerprint(self) -> str:
+    """A hash of the items and of every setting that changes the batches."""
+    return self._fingerprint
 
   # -- exact resume --------------------------------------------------------------------------------
 

@@ -22,16 +22,14 @@ import numpy as np
 
 from jaxpost import sharding as sharding_lib
 from jaxpost.config import RunConfig, save_config
-from jaxpost.data import build_sft_batches
-from jaxpost.losses import sft_loss
 from jaxpost.metrics import MetricWriter, ProgressBar
-from jaxpost.models import load_hf, param_specs, save_hf
-from jaxpost.peft import (LoraConfig, init_lora, load_peft_adapter, lora_loss, lora_specs,
-                          merge_lora, save_peft_adapter)
+from jaxpost.models import load_hf, param_specs
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
+from jaxpost.train.algorithms import WithReference, make_algorithm, tokens_in
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
+from jaxpost.train.trainable import make_trainable, sync_reference
 
 
 class TrainingError(RuntimeError):
@@ -50,6 +48,7 @@ class Setup:
   mesh: jax.sharding.Mesh
   train_path: str
   eval_path: str | None
+  exact_match_path: str | None = None  # chat rows with answers, for the task's exact match
 
 
 def _log(msg: str) -> None:
@@ -70,6 +69,7 @@ def prepare(cfg: RunConfig) -> tuple[Setup, dict]:
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
   train_path, eval_path = cfg.data.train, cfg.data.eval
+  exact_match_path = None
   task_rows = None
   if cfg.task is not None:
     from jaxpost.tasks import arithmetic  # pylint: disable=import-outside-toplevel
@@ -78,6 +78,15 @@ def prepare(cfg: RunConfig) -> tuple[Setup, dict]:
     train_path, eval_path = str(t_path), str(e_path)
     task_rows = arithmetic.make_split(max_operand=cfg.task.max_operand,
                                       num_eval=cfg.task.num_eval, seed=cfg.train.seed)[0]
+    if cfg.algorithm != "sft":
+      from jaxpost.tasks import arithmetic_pref  # pylint: disable=import-outside-toplevel
+      kind = "unpaired" if cfg.algorithm == "kto" else "paired"
+      p_train, p_eval = arithmetic_pref.write_preference_dataset(
+          run_dir / "data", max_operand=cfg.task.max_operand, num_eval=cfg.task.num_eval,
+          seed=cfg.train.seed, kind=kind)
+      exact_match_path, train_path, eval_path = eval_path, str(p_train), str(p_eval)
+    else:
+      exact_match_path = eval_path
 
   if cfg.model.tiny:
     model_dir = run_dir / "model"
@@ -90,10 +99,15 @@ def prepare(cfg: RunConfig) -> tuple[Setup, dict]:
                       intermediate_size=4 * cfg.model.tiny_hidden_size)
   else:
     model_dir = Path(cfg.model.path)
+    if not model_dir.exists():
+      raise TrainingError(f"model.path {str(model_dir)!r} does not exist" + (
+          "; run `jaxpost train configs/quickstart.yaml` first to make it"
+          if "quickstart" in str(model_dir) else ""))
   config, params = load_hf(model_dir, dtype=jnp.dtype(cfg.model.dtype), mesh=mesh)
   tokenizer = load_tokenizer(model_dir)
   setup = Setup(cfg=cfg, run_dir=run_dir, model_dir=model_dir, config=config,
-                tokenizer=tokenizer, mesh=mesh, train_path=train_path, eval_path=eval_path)
+                tokenizer=tokenizer, mesh=mesh, train_path=train_path, eval_path=eval_path,
+                exact_match_path=exact_match_path if cfg.task is not None else None)
   return setup, params
 
 
@@ -127,15 +141,6 @@ def _place(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
-def _eval_batches(setup: Setup, batch_size: int) -> list[dict[str, np.ndarray]]:
-  d = setup.cfg.data
-  it = build_sft_batches(setup.eval_path, setup.tokenizer, format=d.format, seq_len=d.seq_len,
-                         batch_size=batch_size, pack=d.pack, shuffle=False, epochs=1,
-                         drop_remainder=False, max_length=d.max_length,
-                         on_bad_row=d.on_bad_row, train_on=d.train_on)
-  return list(it)
-
-
 def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
   """Runs `cfg` to `train.steps`, resuming from the latest checkpoint in `run_dir` if any.
 
@@ -143,52 +148,40 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   `exact_match`, the held-out accuracy before and after.
   """
   setup, params = prepare(cfg)
-  c, d, t = setup.config, cfg.data, cfg.train
+  c, t = setup.config, cfg.train
   mesh = setup.mesh
   optimizer, schedule = make_optimizer(cfg.optim, t.steps)
-  p_shard = sharding_lib.param_shardings(param_specs(c), mesh)
-  b_shard = batch_sharding(mesh)
-  compute_dtype = jnp.dtype(cfg.model.compute_dtype) if cfg.model.compute_dtype else None
-  loss_fn = functools.partial(sft_loss, config=c, compute_dtype=compute_dtype,
-                              remat=cfg.model.remat)
+  algo = make_algorithm(cfg, c, setup.tokenizer)
   rng = jax.random.key(t.seed)
+  if cfg.algorithm == "reward":
+    from jaxpost.reward import init_score  # pylint: disable=import-outside-toplevel
+    params = {**params, "score": init_score(c, jax.random.fold_in(rng, 2))}
+  p_shard = _model_shardings(c, params, mesh)
+  b_shard = batch_sharding(mesh)
 
-  # What trains: the whole model, or LoRA adapters over a frozen base.
-  if cfg.lora is not None:
-    lora = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                      targets=cfg.lora.target_tuple(), rslora=cfg.lora.rslora)
-    loaded = None
-    if cfg.lora.init_from:
-      lora, loaded = load_peft_adapter(c, cfg.lora.init_from, jnp.dtype(cfg.model.dtype))
-      _log(f"LoRA adapters from {cfg.lora.init_from} (r={lora.rank}, alpha={lora.alpha}, "
-           f"targets={','.join(lora.targets)})")
-    t_shard = sharding_lib.param_shardings(lora_specs(c, lora), mesh)
-    if loaded is not None:
-      trainable = jax.device_put(loaded, t_shard)
-    else:
-      trainable = jax.jit(lambda k: init_lora(c, lora, k, jnp.dtype(cfg.model.dtype)),
-                          out_shardings=t_shard)(jax.random.fold_in(rng, 1))
-    frozen, f_shard = {"base": params}, {"base": p_shard}
-    loss_fn = lora_loss(loss_fn, lora)
-    merge = jax.jit(functools.partial(merge_lora, lora=lora))
-    full_params = lambda tr: merge(frozen["base"], tr)  # noqa: E731
-  else:
-    trainable, t_shard, frozen, f_shard = params, p_shard, {}, {}
-    full_params = lambda tr: tr  # noqa: E731
+  # What trains (the whole model, adapters or a prompt) and what goes in frozen.
+  tr = make_trainable(cfg, c, params, p_shard, mesh, rng, tokenizer=setup.tokenizer,
+                      needs_reference=algo.needs_reference, log=_log)
+  _log(tr.describe)
   del params
-  s_shard = state_shardings(t_shard, trainable, optimizer, mesh)
+  loss_fn = tr.wrap(algo.loss_fn)
+  frozen = tr.frozen
+  s_shard = state_shardings(tr.shardings, tr.params, optimizer, mesh)
   step_fn = make_train_step(loss_fn, optimizer, state_sharding=s_shard, batch_sharding=b_shard,
-                            frozen_sharding=f_shard, micro_batches=t.micro_batches,
+                            frozen_sharding=tr.frozen_shardings, micro_batches=t.micro_batches,
                             lr_schedule=schedule)
   eval_fn = jax.jit(lambda p, fr, b: loss_fn(p, b, None, **fr),
-                    in_shardings=(t_shard, f_shard, b_shard))
-  state = jax.jit(lambda p: init_state(p, optimizer, rng), out_shardings=s_shard)(trainable)
-  del trainable
-  data = build_sft_batches(setup.train_path, setup.tokenizer, format=d.format,
-                           seq_len=d.seq_len, batch_size=t.batch_size, pack=d.pack, seed=t.seed,
-                           max_length=d.max_length, on_bad_row=d.on_bad_row,
-                           train_on=d.train_on, shuffle=d.shuffle)
-  eval_batches = _eval_batches(setup, t.batch_size) if setup.eval_path else []
+                    in_shardings=(tr.shardings, tr.frozen_shardings, b_shard))
+  state = jax.jit(lambda p: init_state(p, optimizer, rng), out_shardings=s_shard)(tr.params)
+  tr.params = None
+  data = algo.make_batches(setup.train_path, True)
+  eval_batches = list(algo.make_batches(setup.eval_path, False)) if setup.eval_path else []
+  if cfg.algorithm in ("dpo", "kto") and cfg.preference.reference == "precomputed" and (
+      cfg.preference.needs_reference):
+    model = tr.model_params(state.params, frozen)
+    data = _with_precomputed_reference(setup, algo, model, data, b_shard)
+    eval_batches = [dict(b, ref_logps=_reference_table_batch(setup, model, b, b_shard))
+                    for b in eval_batches]
 
   ck = cfg.checkpoint
   checkpointer = Checkpointer(setup.run_dir / "checkpoints", save_every=ck.every or t.steps,
@@ -204,9 +197,10 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
     _log(f"resumed from {checkpointer.directory} at step {start}")
 
   summary: dict[str, Any] = {"run_dir": str(setup.run_dir)}
-  evaluate = functools.partial(_evaluate_loss, eval_fn, eval_batches, b_shard, frozen)
+  evaluate = functools.partial(_evaluate, eval_fn, eval_batches, b_shard, algo.name)
+  model_params = lambda p: tr.model_params(p, frozen)  # noqa: E731
   if cfg.task is not None and cfg.task.exact_match and start == 0:
-    summary["exact_match_before"] = _exact_match(setup, full_params(state.params))
+    summary["exact_match_before"] = _exact_match(setup, model_params(state.params))
     _log(f"held-out exact match before training: {summary['exact_match_before']:.3f}")
 
   writer = MetricWriter(setup.run_dir, enabled=jax.process_index() == 0)
@@ -217,14 +211,17 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   try:
     for step in range(start, t.steps):
       batch = next(data)
-      real_tokens = int(batch["segment_ids"].astype(bool).sum())
+      real_tokens = tokens_in(batch)
       state, metrics = step_fn(state, _place(batch, b_shard), frozen)
       if pending is not None:
-        last = _finish(pending, writer, bar, t, on_step)
+        last = _finish(pending, writer, bar, t, on_step, algo.headline)
       pending = (step + 1, metrics, real_tokens)
       done = step + 1
+      p = cfg.preference
+      if algo.needs_reference and p.sync_every and done % p.sync_every == 0:
+        frozen = sync_reference(tr, state.params, frozen, p.sync_alpha)  # TR-DPO
       eval_now = t.eval_every and eval_batches and (done % t.eval_every == 0 or done == t.steps)
-      extra = evaluate(state.params) if eval_now else {}
+      extra = evaluate(state.params, frozen) if eval_now else {}
       if extra:
         writer.write(done, extra)
         last.update(extra)
@@ -233,7 +230,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
         checkpointer.save(done, state, data_state=data.state(), metrics=extra or None,
                           force=True)
     if pending is not None:
-      last = _finish(pending, writer, bar, t, on_step) | last
+      last = _finish(pending, writer, bar, t, on_step, algo.headline) | last
   finally:
     checkpointer.wait()
     writer.close()
@@ -242,23 +239,26 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
 
   final_dir = setup.run_dir / "final"
   if jax.process_index() == 0:
-    save_hf(c, full_params(state.params), final_dir)  # LoRA: the merged model
-    if cfg.lora is not None:
-      save_peft_adapter(c, lora, state.params, setup.run_dir / "adapter",
-                        base_model=str(setup.model_dir))
-    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
-      if (setup.model_dir / f).exists():
-        (final_dir / f).write_bytes((setup.model_dir / f).read_bytes())
+    if cfg.algorithm == "reward":
+      from jaxpost.reward import save_reward_model_hf  # pylint: disable=import-outside-toplevel
+      save_reward_model_hf(c, state.params, final_dir)
+    else:
+      tr.export(state.params, frozen, setup.run_dir, setup.model_dir)
+    if final_dir.exists():
+      for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (setup.model_dir / f).exists():
+          (final_dir / f).write_bytes((setup.model_dir / f).read_bytes())
   summary.update(final_metrics=last, final_model=str(final_dir), steps=t.steps,
                  seconds=elapsed, start_step=start)
-  if cfg.task is not None and cfg.task.exact_match:
-    summary["exact_match_after"] = _exact_match(setup, full_params(state.params))
+  if cfg.task is not None and cfg.task.exact_match and cfg.algorithm != "reward":
+    summary["exact_match_after"] = _exact_match(setup, model_params(state.params))
   checkpointer.close()
   return summary
 
 
-def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step) -> dict:
+def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step,
+            headline: str = "loss") -> dict:
   """Fetches a step's metrics (one step late), stops on too many bad steps, logs."""
   step, metrics, tokens = pending
   values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
@@ -268,7 +268,10 @@ def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step) -> dict
         f"{bad} consecutive steps had a non-finite loss or gradient (the last at step {step}); "
         "they were not applied and the last good checkpoint is kept. Lower optim.lr, check the "
         "data, or raise train.max_bad_steps.")
-  bar.update(step, loss=values["train/loss"], tokens=tokens)
+  shown = {"loss": values["train/loss"]}
+  if headline != "loss" and f"train/{headline}" in values:
+    shown[headline.split("/")[-1]] = values[f"train/{headline}"]
+  bar.update(step, tokens=tokens, **shown)
   if step % t.log_every == 0 or step == t.steps:
     writer.write(step, values)
   if on_step is not None:
@@ -276,20 +279,74 @@ def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step) -> dict
   return values
 
 
-def _evaluate_loss(eval_fn, batches, b_shard, frozen, params) -> dict[str, float]:
-  total, weight = 0.0, 0.0
+def _evaluate(eval_fn, batches, b_shard, name, params, frozen) -> dict[str, float]:
+  """Held-out metrics: every metric of the loss, averaged with the loss's weights."""
+  sums: dict[str, float] = {}
+  weight = 0.0
   for b in batches:
     loss, m = eval_fn(params, frozen, _place(b, b_shard))
-    w = float(m["weight"])
-    total += float(loss) * w
+    m = jax.device_get(m)
+    w = float(m.pop("weight", 1.0))
+    sums["loss"] = sums.get("loss", 0.0) + float(loss) * w
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * w
     weight += w
-  loss = total / max(weight, 1.0)
-  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
+  out = {f"eval/{k}": v / max(weight, 1.0) for k, v in sums.items()}
+  if name == "sft" and "eval/loss" in out:
+    out["eval/perplexity"] = float(np.exp(min(out["eval/loss"], 50.0)))
+  return out
+
+
+def _model_shardings(config, params, mesh):
+  shard = sharding_lib.param_shardings(param_specs(config), mesh)
+  if "score" in params:  # a reward model's head: replicated
+    shard = {**shard, "score": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+  return shard
+
+
+def _reference_table_batch(setup: Setup, model, batch, b_shard) -> np.ndarray:
+  fn = _reference_fn(setup)
+  b = {k: v for k, v in batch.items() if k != "ref_logps"}
+  return np.asarray(jax.device_get(fn(model, _place(b, b_shard))), np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_fn_cached(config, kind, compute_dtype):
+  from jaxpost.losses.dpo import reference_logps  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda p, b: reference_logps(config, p, b, kind=kind,
+                                              compute_dtype=compute_dtype))
+
+
+def _reference_fn(setup: Setup):
+  cd = setup.cfg.model.compute_dtype
+  return _reference_fn_cached(setup.config, setup.cfg.algorithm, jnp.dtype(cd) if cd else None)
+
+
+def _with_precomputed_reference(setup: Setup, algo, model, data, b_shard):
+  """Reference log-probs of every item, computed once (reused from `run_dir/data` when the
+  data's fingerprint matches) and looked up per batch."""
+  path = setup.run_dir / "data" / f"reference_logps_{data.fingerprint}.npy"
+  if path.exists():
+    table = np.load(path)
+  else:
+    table = np.zeros((data.num_examples, 2), np.float32)
+    once = algo.make_batches(setup.train_path, False)
+    for batch in once:
+      values = _reference_table_batch(setup, model, batch, b_shard)
+      index = batch["index"]
+      table[index[index >= 0]] = values[index >= 0]
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(".tmp.npy")
+      np.save(tmp, table)
+      tmp.replace(path)
+    _log(f"reference log-probs of {len(table)} items precomputed into {path}")
+  return WithReference(data, table)
 
 
 def _exact_match(setup: Setup, params) -> float:
   from jaxpost.data import read_rows  # pylint: disable=import-outside-toplevel
   from jaxpost.evaluation import exact_match  # pylint: disable=import-outside-toplevel
-  rows = [r.data for r in read_rows(setup.eval_path)]
+  rows = [r.data for r in read_rows(setup.exact_match_path)]
   return exact_match(setup.config, params, setup.tokenizer, rows,
                      max_new_tokens=setup.cfg.task.max_new_tokens)

@@ -1,0 +1,268 @@
+"""Reward models: their parameter layout, and Hugging Face `*ForSequenceClassification` in and out.
+
+A reward model is the decoder with a scalar head in place of the LM head:
+
+    params = {**decoder_params, "score": w_D}      # no "lm_head"
+    r(x) = w . h(x)[last]                          # h after the final norm (see jaxpost.reward)
+
+In transformers this is `LlamaForSequenceClassification` (Qwen2..., Gemma2..., ...) with
+`num_labels=1`: the decoder's tensors under the `*ForCausalLM` names (`model.layers.{i}....`),
+`score.weight` [1, D] without bias, and no `lm_head.weight`. It reads each row's reward at its
+last token that is not `pad_token_id`, so the exported config must name a pad id that never ends
+a sequence (not EOS, nor an end-of-turn token: jaxpost's reward sequences end with one).
+
+Files are written as `save_hf` writes them: one temporary file renamed into place per file, and
+past `max_shard_size`, `model-0000k-of-0000n.safetensors` shards with an index. Loading reads
+lazily, one layer's tensor at a time, straight onto the requested shardings; pickle files are
+refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from jaxpost import sharding as sharding_lib
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.hf_config import config_to_hf
+from jaxpost.models.hf_io import (_IGNORED_SUFFIXES, CheckpointError, _cast, _check_folder,
+                                  _get_path, _Map, _parse_size, _set_path, _tensor_maps,
+                                  _write_json, read_config)
+from jaxpost.models.params import ParamSpec, param_specs
+from jaxpost.models.safetensors_io import SafetensorsFile, save_file
+from jaxpost.models.weights import is_weight_object, materialize
+
+SCORE = "score"
+
+# model_type -> the transformers class of a sequence-classification (reward) model.
+ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+}
+
+
+def score_spec(config: ModelConfig) -> ParamSpec:
+  """The reward head: a [D] vector on the `embed` axis (normal init, std 0.02, as HF's)."""
+  return ParamSpec((config.hidden_size,), ("embed",))
+
+
+def reward_param_specs(config: ModelConfig) -> dict:
+  """`param_specs(config)` without `lm_head`, with `score` [D] (for shardings and shapes)."""
+  specs = {k: v for k, v in param_specs(config).items() if k != "lm_head"}
+  specs[SCORE] = score_spec(config)
+  return specs
+
+
+def _reward_maps(config: ModelConfig) -> list[_Map]:
+  """The decoder's HF tensor names without the LM head, plus `score.weight` [1, D] <-> [D]."""
+  maps = [m for m in _tensor_maps(config) if m.path != ("lm_head",)]
+  maps.append(_Map("score.weight", (SCORE,), lambda w: w.reshape(w.shape[-1]),
+                   lambda w: w.reshape(1, -1), False))
+  return maps
+
+
+def _eos_ids(config: ModelConfig) -> tuple[int, ...]:
+  eos = config.eos_token_id
+  if eos is None:
+    return ()
+  return tuple(eos) if isinstance(eos, tuple) else (eos,)
+
+
+def reward_config_to_hf(config: ModelConfig, pad_token_id: int, dtype: str = "float32") -> dict:
+  """config.json of the `*ForSequenceClassification` model: the decoder's, with the class,
+  one label and the pad id."""
+  if config.model_type not in ARCHITECTURES:
+    raise ValueError(f"no sequence-classification class known for {config.model_type!r}; "
+                     f"supported: {', '.join(ARCHITECTURES)}")
+  out = config_to_hf(config, dtype)
+  out.update(architectures=[ARCHITECTURES[config.model_type]], pad_token_id=pad_token_id,
+             id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  out.pop("num_labels", None)  # id2label says it; transformers rejects the two disagreeing
+  return out
+
+
+def save_reward_model_hf(config: ModelConfig, params: dict, path: str | os.PathLike, *,
+                         pad_token_id: int | None = None, dtype=None,
+                         max_shard_size: int | str = "5GB") -> None:
+  """Writes a folder that `transformers.AutoModelForSequenceClassification` loads (num_labels 1).
+
+  Args:
+    config: the decoder's config.
+    params: reward-model params (`jaxpost.reward`: decoder params plus "score" [D]). Adapter
+      and quantised weight objects are written merged (their effective weight); an `lm_head`,
+      if present, is not written.
+    path: the output folder (created; earlier weight files in it are replaced).
+    pad_token_id: the id transformers treats as padding: it reads each row's reward at the
+      last token that is not this id. Default `config.pad_token_id`. It must be set (else
+      transformers refuses batches of more than one row) and must not be an EOS id of the
+      config (sequences end with one, whose reward would then be skipped).
+    dtype: the dtype written (default: that of `params["embed"]`).
+    max_shard_size: shard past this size ("5GB", "200MB" or a byte count), as `save_hf`.
+
+  Raises:
+    ValueError: no usable pad id, params without "score" or with a prompt/prefix adapter
+      ("prefix" has no HF equivalent).
+  """
+  pad = config.pad_token_id if pad_token_id is None else int(pad_token_id)
+  if pad is None:
+    raise ValueError(
+        "save_reward_model_hf needs a pad_token_id: transformers reads a reward at each row's "
+        "last token that is not the pad id, and without one refuses batches of more than one "
+        "row. Pass the tokenizer's pad id (one that never ends a sequence).")
+  if pad in _eos_ids(config):
+    raise ValueError(
+        f"pad_token_id={pad} is an EOS id of this model ({list(_eos_ids(config))}): reward "
+        "sequences end with EOS (or an end-of-turn token), and transformers would read their "
+        "reward before it. Pass a pad id that never ends a sequence (e.g. a dedicated pad "
+        "token).")
+  if SCORE not in params:
+    raise ValueError("params have no 'score' head; make reward params with "
+                     "jaxpost.reward.with_score_head")
+  if params.get("prefix") is not None:
+    raise ValueError("params hold a prompt/prefix-tuning 'prefix', which a transformers "
+                     "sequence-classification model cannot represent")
+
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  limit = _parse_size(max_shard_size)
+  dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
+
+  # Plan the shards from shapes alone, then write one shard at a time (as `save_hf`).
+  specs = reward_param_specs(config)
+  maps = _reward_maps(config)
+  plan: list[list[tuple[str, _Map, int | None]]] = [[]]
+  size = 0
+  for m in maps:
+    spec = _get_path(specs, m.path)
+    nbytes = int(np.prod(spec.shape[1:] if m.per_layer else spec.shape)) * dtype.itemsize
+    for i in (range(config.num_layers) if m.per_layer else [None]):
+      if size and size + nbytes > limit:
+        plan.append([])
+        size = 0
+      plan[-1].append((m.hf.format(i=i), m, i))
+      size += nbytes
+
+  def host(leaf, i):
+    if i is not None:  # one layer of a stacked weight (array or weight object)
+      leaf = jax.tree.map(lambda x: x[i], leaf)
+    if is_weight_object(leaf):
+      leaf = materialize(leaf)
+    return np.asarray(jax.device_get(leaf))
+
+  def materialise(entries):
+    return {name: np.ascontiguousarray(_cast(m.to_hf(host(_get_path(params, m.path), i)), dtype))
+            for name, m, i in entries}
+
+  for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+    stale.unlink(missing_ok=True)
+  if len(plan) == 1:
+    save_file(materialise(plan[0]), path / "model.safetensors")
+  else:
+    weight_map, total, n = {}, 0, len(plan)
+    for k, entries in enumerate(plan, 1):
+      name = f"model-{k:05d}-of-{n:05d}.safetensors"
+      shard = materialise(entries)
+      save_file(shard, path / name)
+      weight_map.update({t: name for t in shard})
+      total += sum(t.nbytes for t in shard.values())
+      del shard
+    _write_json(path / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+  hf_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+              np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(dtype, "float32")
+  _write_json(path / "config.json", reward_config_to_hf(config, pad, hf_dtype))
+
+
+def load_reward_model_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
+                         rules=sharding_lib.DEFAULT_RULES) -> tuple[ModelConfig, dict]:
+  """Loads a `*ForSequenceClassification` folder (num_labels 1) as (config, reward params).
+
+  The params are the decoder's (no `lm_head`) plus "score" [D]. `config.pad_token_id` is the
+  folder's. Arguments as `load_hf`: `dtype` (default: the checkpoint's), `mesh` and `rules`
+  (place each parameter straight onto its sharding; `reward_param_specs` gives the axes).
+
+  Raises:
+    CheckpointError: not a folder of safetensors, a missing or unexpected tensor (a causal LM
+      folder has no `score.weight`: load it with `load_hf` and add a head with
+      `jaxpost.reward.with_score_head`), or a shape that disagrees with config.json (e.g. more
+      than one label).
+  """
+  path = Path(path)
+  files = _check_folder(path)
+  config = read_config(path)
+  readers = [SafetensorsFile(f) for f in files]
+  where: dict[str, SafetensorsFile] = {}
+  for r in readers:
+    for k in r.keys():
+      where[k] = r
+
+  maps = _reward_maps(config)
+  expected = {m.hf.format(i=i): m for m in maps
+              for i in (range(config.num_layers) if m.per_layer else [None])}
+  if "score.weight" not in where:
+    raise CheckpointError(
+        f"{path}: no 'score.weight' tensor, so not a reward (sequence-classification) model. "
+        "To start a reward model from a causal LM, load it with load_hf and add a head with "
+        "jaxpost.reward.with_score_head.")
+  missing = [k for k in expected if k not in where]
+  if missing:
+    raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  # An LM head left beside the score head is unused by transformers too.
+  extra = [k for k in where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
+           and k != "lm_head.weight"]
+  if extra:
+    raise CheckpointError(
+        f"{path}: unexpected tensor {extra[0]!r} in {where[extra[0]].path.name} for a "
+        f"{config.model_type} reward model"
+        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+  specs = reward_param_specs(config)
+  if dtype is None:
+    dtype = where["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
+  dtype = np.dtype(jnp.dtype(dtype))
+  shard_tree = sharding_lib.param_shardings(specs, mesh, rules) if mesh is not None else None
+  device = SingleDeviceSharding(jax.devices()[0])
+
+  for m in maps:
+    spec = _get_path(specs, m.path)
+    want = m.to_hf(np.zeros(spec.shape[1:] if m.per_layer else spec.shape, np.int8)).shape
+    for i in (range(config.num_layers) if m.per_layer else [None]):
+      name = m.hf.format(i=i)
+      got = where[name].shape(name)
+      if got != want:
+        hint = (" (a reward model has one label: num_labels=1)"
+                if name == "score.weight" and len(got) == 2 and got[-1] == want[-1] else "")
+        raise CheckpointError(
+            f"{where[name].path}: tensor {name!r} has shape {list(got)}, but config.json "
+            f"implies {list(want)}{hint}")
+
+  params: dict = {}
+  for m in maps:
+    spec = _get_path(specs, m.path)
+
+    def read(i, m=m):
+      name = m.hf.format(i=i)
+      return m.to_ours(where[name].get(name))
+
+    def callback(index, m=m, read=read, spec=spec):
+      if not m.per_layer:
+        return _cast(read(None)[index], dtype)
+      layers = range(spec.shape[0])[index[0]]
+      return np.stack([_cast(read(i)[index[1:]], dtype) for i in layers])
+
+    target = _get_path(shard_tree, m.path) if shard_tree is not None else device
+    _set_path(params, m.path, jax.make_array_from_callback(spec.shape, target, callback))
+  return config, params
+
