@@ -117,7 +117,7 @@ def reward_loss(params: dict, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                 config: ModelConfig, margin: float | None = None,
                 center_coefficient: float = 0.0, compute_dtype=None,
                 remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-  r"""The Bradley–Terry loss over preference pairs, with margin and reward centering.
+  """The Bradley–Terry loss over preference pairs, with margin and reward centering.
 
   With r_w, r_l the rewards of the chosen and rejected sequence of a pair (`rewards`), m its
   margin and c = `center_coefficient`,
