@@ -303,7 +303,8 @@ class PreferenceSection(Section):
 
   dpo: `loss_type` sigmoid (DPO), hinge, ipo, cdpo, robust, simpo, orpo (the last two need no
     reference model); `beta`; `label_smoothing` (cdpo, robust); `gamma` (SimPO's margin);
-    `length_normalize` averages log-probs per token for every loss type.
+    `length_normalize` averages log-probs per token for every loss type; `sft_weight` adds the
+    chosen answers' NLL (RPO; TRL's rpo_alpha).
   Reference model: `reference: in_step` computes its log-probs inside the compiled step from
     frozen weights (under LoRA or prompt tuning: the base model, adapters off); `precomputed`
     computes them once over the data before training. `sync_every` > 0 (TR-DPO) moves the
@@ -317,6 +318,7 @@ class PreferenceSection(Section):
   label_smoothing: float = 0.0
   gamma: float = 0.0
   length_normalize: bool = False
+  sft_weight: float = 0.0
   reference: Literal["in_step", "precomputed"] = "in_step"
   sync_every: int = 0
   sync_alpha: float = 1.0
@@ -334,6 +336,7 @@ class PreferenceSection(Section):
     _require(self.beta > 0, f"{prefix}beta must be > 0, got {self.beta}")
     _require(0 <= self.label_smoothing < 0.5,
              f"{prefix}label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    _require(self.sft_weight >= 0, f"{prefix}sft_weight must be >= 0, got {self.sft_weight}")
     _require(self.sync_every >= 0, f"{prefix}sync_every must be >= 0, got {self.sync_every}")
     _require(0 < self.sync_alpha <= 1,
              f"{prefix}sync_alpha must be in (0, 1], got {self.sync_alpha}")

@@ -57,8 +57,11 @@ def reference_pair_logps(config: ModelConfig, ref_params: dict, batch: dict, **k
 def dpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
              ref_params: dict | None = None, loss_type: str = "sigmoid", beta: float = 0.1,
              label_smoothing: float = 0.0, gamma: float = 0.0, length_normalize: bool = False,
-             compute_dtype=None, remat: bool = False):
+             sft_weight: float = 0.0, compute_dtype=None, remat: bool = False):
   """DPO-family loss of a paired batch (see `jaxpost.losses.preference.preference_loss`).
+
+  `sft_weight` > 0 adds that times the chosen completion's per-token NLL (RPO, Pang et al.
+  2024, arXiv:2404.19733; TRL's `rpo_alpha`), which keeps the chosen answers likely.
 
   Returns (mean loss over real pairs, metrics) with TRL's metric names and "weight" = the
   number of real pairs, so micro-batch accumulation equals one big batch.
@@ -86,6 +89,12 @@ def dpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
       chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, beta=beta,
       chosen_lengths=n_chosen, rejected_lengths=n_rejected, length_normalize=length_normalize,
       weights=weights_B, **extra)
+  metrics = {**metrics, "logps/accuracies": weighted_mean(
+      (jax.lax.stop_gradient(chosen - rejected) > 0).astype(jnp.float32), weights_B)}
+  if sft_weight:
+    nll_B = -chosen / jnp.maximum(n_chosen, 1.0)
+    losses_B = losses_B + sft_weight * nll_B
+    metrics = {**metrics, "nll/chosen": weighted_mean(jax.lax.stop_gradient(nll_B), weights_B)}
   return weighted_mean(losses_B, weights_B), {**metrics, "weight": jnp.sum(weights_B)}
 
 

@@ -76,7 +76,8 @@ def make_algorithm(cfg: RunConfig, config, tokenizer) -> Algorithm:
     return Algorithm("kto", loss, in_step, pref_batches, "rewards/margins")
   loss = functools.partial(dpo_loss, loss_type=p.loss_type, beta=p.beta,
                            label_smoothing=p.label_smoothing, gamma=p.gamma,
-                           length_normalize=p.length_normalize, **common)
+                           length_normalize=p.length_normalize, sft_weight=p.sft_weight,
+                           **common)
   return Algorithm("dpo", loss, in_step and p.needs_reference, pref_batches,
                    "rewards/accuracies")
 

@@ -154,8 +154,8 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   algo = make_algorithm(cfg, c, setup.tokenizer)
   rng = jax.random.key(t.seed)
   if cfg.algorithm == "reward":
-    from jaxpost.reward import init_score  # pylint: disable=import-outside-toplevel
-    params = {**params, "score": init_score(c, jax.random.fold_in(rng, 2))}
+    from jaxpost.reward import with_score_head  # pylint: disable=import-outside-toplevel
+    params = with_score_head(c, params, jax.random.fold_in(rng, 2))
   p_shard = _model_shardings(c, params, mesh)
   b_shard = batch_sharding(mesh)
 
@@ -204,6 +204,9 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
     _log(f"held-out exact match before training: {summary['exact_match_before']:.3f}")
 
   writer = MetricWriter(setup.run_dir, enabled=jax.process_index() == 0)
+  if eval_batches and t.eval_every and start == 0:  # the starting point, for before/after
+    summary["eval_before"] = evaluate(state.params, frozen)
+    writer.write(0, summary["eval_before"])
   bar = ProgressBar(t.steps, initial_step=start, disable=None if jax.process_index() == 0 else True)
   pending: tuple[int, dict, float] | None = None
   last: dict[str, float] = {}
@@ -241,7 +244,7 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
   if jax.process_index() == 0:
     if cfg.algorithm == "reward":
       from jaxpost.reward import save_reward_model_hf  # pylint: disable=import-outside-toplevel
-      save_reward_model_hf(c, state.params, final_dir)
+      save_reward_model_hf(c, state.params, final_dir, pad_token_id=_reward_pad_id(setup))
     else:
       tr.export(state.params, frozen, setup.run_dir, setup.model_dir)
     if final_dir.exists():
@@ -298,10 +301,20 @@ def _evaluate(eval_fn, batches, b_shard, name, params, frozen) -> dict[str, floa
 
 
 def _model_shardings(config, params, mesh):
-  shard = sharding_lib.param_shardings(param_specs(config), mesh)
-  if "score" in params:  # a reward model's head: replicated
-    shard = {**shard, "score": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
-  return shard
+  if "score" in params:  # a reward model: no LM head, a score head
+    from jaxpost.models.hf_reward import reward_param_specs  # pylint: disable=import-outside-toplevel
+    return sharding_lib.param_shardings(reward_param_specs(config), mesh)
+  return sharding_lib.param_shardings(param_specs(config), mesh)
+
+
+def _reward_pad_id(setup: Setup) -> int:
+  """The pad id a SequenceClassification export needs: one that never ends a sequence."""
+  tok = setup.tokenizer
+  if tok.pad_id is not None and tok.pad_id not in tok.eos_ids:
+    return tok.pad_id
+  raise TrainingError(f"the tokenizer in {setup.model_dir} has no pad token distinct from EOS; "
+                      "transformers reads a reward at the last non-pad token, so add a pad token "
+                      "to the tokenizer before training a reward model")
 
 
 def _reference_table_batch(setup: Setup, model, batch, b_shard) -> np.ndarray:
