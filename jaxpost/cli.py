@@ -116,6 +116,12 @@ def _cmd_train(args) -> int:
   return 0
 
 
+def _cmd_export(args) -> int:
+  from jaxpost.train.trainer import export_run  # pylint: disable=import-outside-toplevel
+  export_run(args.run_dir, args.out, args.step)
+  return 0
+
+
 def _cmd_plot(args) -> int:
   from jaxpost.plot import plot_run  # pylint: disable=import-outside-toplevel
 
@@ -131,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("config")
   train.add_argument("overrides", nargs="*", help="e.g. train.steps=100 optim.lr=3e-4")
   train.set_defaults(func=_cmd_train)
+  export = sub.add_parser(
+      "export", help="write a run's checkpoint as a Hugging Face folder (final/) and, for "
+      "LoRA / prompt tuning, a PEFT adapter (adapter/)")
+  export.add_argument("run_dir", help="the run folder (holds config.yaml and checkpoints/)")
+  export.add_argument("--out", default=None, help="output folder (default: the run folder)")
+  export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  export.set_defaults(func=_cmd_export)
   plot = sub.add_parser("plot", help="draw a run's metrics to PNG files in RUN_DIR/plots")
   plot.add_argument("run_dir")
   plot.set_defaults(func=_cmd_plot)

@@ -164,3 +164,20 @@ def test_lora_run_trains_adapters_only_and_exports_the_merged_model(tmp_path):
                                "model.tiny=false", f"model.path={tmp_path / 'run' / 'model'}",
                                "optim.warmup_steps=0", "train.eval_every=0"])
   assert train(again)["steps"] == 2
+
+  # `jaxpost export` rebuilds the run from its step-6 checkpoint: merged HF model and adapter,
+  # whose logits (merged weights) equal the adapter model's (factored) within 1e-5.
+  import jax.numpy as jnp
+  from jaxpost.cli import main
+  from jaxpost.models import forward
+  from jaxpost.peft import attach_lora
+  assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported"),
+               "--step", "6"]) == 0
+  _, merged6 = load_hf(tmp_path / "exported" / "final")
+  lora6, adapters6 = load_peft_adapter(config, tmp_path / "exported" / "adapter")
+  tokens = jnp.arange(20)[None] % config.vocab_size
+  want = forward(config, attach_lora(base, adapters6, lora6), tokens).logits
+  got = forward(config, merged6, tokens).logits
+  assert float(jnp.abs(got - want).max()) < 1e-5
+  assert not np.array_equal(merged6["layers"]["attn"]["q"], final["layers"]["attn"]["q"])
+  assert (tmp_path / "exported" / "final" / "tokenizer.model").exists()

@@ -242,22 +242,65 @@ def train(cfg: RunConfig, *, on_step: Callable[[int, dict], None] | None = None)
 
   final_dir = setup.run_dir / "final"
   if jax.process_index() == 0:
-    if cfg.algorithm == "reward":
-      from jaxpost.reward import save_reward_model_hf  # pylint: disable=import-outside-toplevel
-      save_reward_model_hf(c, state.params, final_dir, pad_token_id=_reward_pad_id(setup))
-    else:
-      tr.export(state.params, frozen, setup.run_dir, setup.model_dir)
-    if final_dir.exists():
-      for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (setup.model_dir / f).exists():
-          (final_dir / f).write_bytes((setup.model_dir / f).read_bytes())
+    export_outputs(setup, tr, state.params, frozen, setup.run_dir)
   summary.update(final_metrics=last, final_model=str(final_dir), steps=t.steps,
                  seconds=elapsed, start_step=start)
   if cfg.task is not None and cfg.task.exact_match and cfg.algorithm != "reward":
     summary["exact_match_after"] = _exact_match(setup, model_params(state.params))
   checkpointer.close()
   return summary
+
+
+def export_outputs(setup: Setup, tr, params, frozen: dict, out_dir: Path) -> list[Path]:
+  """Writes what a run produced into `out_dir`: `final/` (the Hugging Face model; under LoRA
+  the merged model; for a reward model the SequenceClassification model) with the tokenizer,
+  and `adapter/` (PEFT format) for PEFT runs. Returns the folders written."""
+  out_dir = Path(out_dir)
+  final_dir = out_dir / "final"
+  if setup.cfg.algorithm == "reward":
+    from jaxpost.reward import save_reward_model_hf  # pylint: disable=import-outside-toplevel
+    save_reward_model_hf(setup.config, params, final_dir, pad_token_id=_reward_pad_id(setup))
+  else:
+    tr.export(params, frozen, out_dir, setup.model_dir)
+  if final_dir.exists():
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
+      if (setup.model_dir / f).exists():
+        (final_dir / f).write_bytes((setup.model_dir / f).read_bytes())
+  return [d for d in (final_dir, out_dir / "adapter") if d.exists()]
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None,
+               step: int | None = None) -> list[Path]:
+  """`jaxpost export`: rebuilds a run from `run_dir/config.yaml` and its checkpoint (the latest,
+  or `step`) and writes `final/` and `adapter/` into `out_dir` (default `run_dir`)."""
+  from jaxpost.config import load_config  # pylint: disable=import-outside-toplevel
+  run_dir = Path(run_dir)
+  if not (run_dir / "config.yaml").exists():
+    raise TrainingError(f"{run_dir} has no config.yaml; is it a jaxpost run folder?")
+  cfg = load_config(run_dir / "config.yaml")
+  setup, params = prepare(cfg)
+  c = setup.config
+  optimizer, _ = make_optimizer(cfg.optim, cfg.train.steps)
+  rng = jax.random.key(cfg.train.seed)
+  if cfg.algorithm == "reward":
+    from jaxpost.reward import with_score_head  # pylint: disable=import-outside-toplevel
+    params = with_score_head(c, params, jax.random.fold_in(rng, 2))
+  p_shard = _model_shardings(c, params, setup.mesh)
+  tr = make_trainable(cfg, c, params, p_shard, setup.mesh, rng, tokenizer=setup.tokenizer,
+                      log=lambda m: None)
+  s_shard = state_shardings(tr.shardings, tr.params, optimizer, setup.mesh)
+  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, rng), tr.params)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, s_shard)
+  checkpointer = Checkpointer(setup.run_dir / "checkpoints", save_every=cfg.checkpoint.every or 1)
+  if checkpointer.latest_step() is None:
+    raise TrainingError(f"no finalised checkpoint in {checkpointer.directory} to export")
+  state, _, _, restored = checkpointer.restore(abstract, step=step)
+  checkpointer.close()
+  written = export_outputs(setup, tr, state.params, tr.frozen, Path(out_dir or run_dir))
+  _log(f"exported step {restored} of {run_dir}: {', '.join(str(d) for d in written)}")
+  return written
 
 
 def _finish(pending, writer: MetricWriter, bar: ProgressBar, t, on_step,
