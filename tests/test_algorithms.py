@@ -89,3 +89,16 @@ def test_precomputed_reference_gives_the_in_step_losses(tmp_path):
   b = np.array([r["train/loss"] for r in pre])
   np.testing.assert_allclose(a, b, atol=2e-5)
   assert list((tmp_path / "pre" / "data").glob("reference_logps_*.npy"))
+
+
+def test_tr_dpo_sync_mixes_the_reference_towards_the_policy():
+  import jax.numpy as jnp
+  from jaxpost.train.trainable import Trainable, sync_reference
+  tr = Trainable(None, None, {}, {}, "full", None, None, None, "")
+  policy = {"w": jnp.full((3,), 2.0)}
+  frozen = {"ref": {"w": jnp.zeros((3,))}}
+  mixed = sync_reference(tr, policy, frozen, 0.25)
+  np.testing.assert_allclose(mixed["ref"]["w"], 0.5)  # 0.25 * 2 + 0.75 * 0
+  assert float(frozen["ref"]["w"][0]) == 0.0  # the old reference is not modified
+  np.testing.assert_allclose(sync_reference(tr, policy, frozen, 1.0)["ref"]["w"], 2.0)
+
