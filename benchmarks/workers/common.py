@@ -1,0 +1,188 @@
+"""What every benchmark worker shares: the spec, the data, the timing loop and the result line.
+
+This module imports only the standard library and numpy, so that each framework's worker can
+import it from its own virtual environment (the Tunix worker runs in `benchmarks/.tunix-venv`,
+which has no jaxpost). A worker is started as
+
+    python benchmarks/workers/<framework>_worker.py '<spec as JSON>'
+
+and prints exactly one line starting with `RESULT_PREFIX` followed by the result as JSON
+(everything else it or its libraries print goes to stderr or is ignored by the orchestrator).
+
+The spec (built by `benchmarks/run.py`):
+
+    {"workload": "sft" | "lora" | "dpo" | "generate" | "matmul",
+     "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "intermediate_size", "tie_embeddings", "rope_theta", "norm_eps"},
+     "train": {"batch", "seq_len"},                     # sft, lora
+     "dpo": {"pairs", "prompt_len", "response_len", "beta"},
+     "generate": {"batch", "prompt_len", "new_tokens"},
+     "lora": {"rank", "alpha", "targets"},
+     "optim": {"lr", "b1", "b2", "eps", "weight_decay"},
+     "matmul": {"sizes", "reps"},
+     "warmup": int, "steps": int, "seed": int}
+
+The data of every workload comes from `np.random.default_rng(seed)` here, identically for every
+framework; ids are drawn from [1, vocab) so that no framework mistakes a token for padding
+(id 0). `data_digest` fingerprints what a worker actually fed its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+# Module names of the seven projections a LoRA targets, per naming scheme.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def read_spec(argv: list[str] | None = None) -> dict[str, Any]:
+  """The spec passed as the first command-line argument (JSON)."""
+  argv = sys.argv[1:] if argv is None else argv
+  if len(argv) != 1:
+    raise SystemExit("usage: <worker>.py '<spec as JSON>'")
+  return json.loads(argv[0])
+
+
+def log(*args) -> None:
+  """Progress messages: stderr, flushed."""
+  print(*args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def sft_tokens(spec: dict) -> np.ndarray:
+  """[batch, seq_len] int32 token ids of the SFT and LoRA workloads."""
+  t = spec["train"]
+  rng = np.random.default_rng(spec["seed"])
+  return rng.integers(1, spec["model"]["vocab_size"], (t["batch"], t["seq_len"]),
+                      dtype=np.int64).astype(np.int32)
+
+
+def dpo_pairs(spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(prompt [P, Lp], chosen [P, Lr], rejected [P, Lr]) int32 ids of the DPO workload.
+
+  Each side of a pair is one row of Lp + Lr tokens (the shared prompt, then that side's
+  response); the loss scores the Lr response tokens. A step therefore runs the policy (forward
+  and backward) and the reference (forward) on 2 * P rows of Lp + Lr tokens.
+  """
+  d = spec["dpo"]
+  rng = np.random.default_rng(spec["seed"] + 1)
+  v = spec["model"]["vocab_size"]
+  prompt = rng.integers(1, v, (d["pairs"], d["prompt_len"]), dtype=np.int64)
+  chosen = rng.integers(1, v, (d["pairs"], d["response_len"]), dtype=np.int64)
+  rejected = rng.integers(1, v, (d["pairs"], d["response_len"]), dtype=np.int64)
+  return prompt.astype(np.int32), chosen.astype(np.int32), rejected.astype(np.int32)
+
+
+def dpo_rows(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+  """The DPO batch as the frameworks that take whole rows see it.
+
+  Returns (tokens [2P, Lp + Lr]: the P chosen rows then the P rejected rows; response_mask
+  [2P, Lp + Lr] bool, True on the response tokens).
+  """
+  prompt, chosen, rejected = dpo_pairs(spec)
+  tokens = np.concatenate([np.concatenate([prompt, chosen], 1),
+                           np.concatenate([prompt, rejected], 1)], 0)
+  mask = np.zeros(tokens.shape, bool)
+  mask[:, prompt.shape[1]:] = True
+  return tokens, mask
+
+
+def prompts(spec: dict) -> np.ndarray:
+  """[batch, prompt_len] int32 prompt ids of the generation workload."""
+  g = spec["generate"]
+  rng = np.random.default_rng(spec["seed"] + 2)
+  return rng.integers(1, spec["model"]["vocab_size"], (g["batch"], g["prompt_len"]),
+                      dtype=np.int64).astype(np.int32)
+
+
+def digest(*arrays: np.ndarray) -> str:
+  """A short fingerprint of the arrays' values (to show every framework got the same data)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    h.update(np.ascontiguousarray(np.asarray(a, np.int64)).tobytes())
+  return h.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and the result.
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+  """The installed version of each package (None when it is not installed)."""
+  from importlib import metadata
+
+  out = {}
+  for name in names:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far, MiB (`ru_maxrss` is KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
+  """Calls `step` warmup + steps times; `step` must return only when its work is done.
+
+  The first `warmup` calls compile and settle (their times are reported, not used); the
+  median of the next `steps` calls is the steady-state step time. `compile_s` estimates the
+  one-off cost: the warm-up calls' time beyond `warmup` steady-state steps. `cpu_s` is the
+  CPU time this process (all its threads) spent in each timed step: on a machine that other
+  processes share, it moves much less than the wall time.
+  """
+  warm, timed, cpu = [], [], []
+  last = None
+  for i in range(warmup + steps):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    last = step()
+    (warm if i < warmup else timed).append(time.perf_counter() - start)
+    if i >= warmup:
+      cpu.append(time.process_time() - start_cpu)
+    log(f"  step {i + 1}/{warmup + steps}: {(warm + timed)[-1]:.3f} s")
+  median = statistics.median(timed)
+  return {
+      "warmup_s": warm,
+      "times_s": timed,
+      "cpu_s": cpu,
+      "median_cpu_s": statistics.median(cpu),
+      "median_s": median,
+      "first_step_s": warm[0] if warm else None,
+      "compile_s": max(sum(warm) - len(warm) * median, 0.0) if warm else None,
+      "last": last,
+  }
+
+
+def emit(result: dict[str, Any]) -> None:
+  """Prints the result line (adds the peak RSS, measured now, after the workload)."""
+  result = dict(result)
+  result.pop("last", None)
+  result["peak_rss_mb"] = peak_rss_mb()
+  sys.stdout.write(RESULT_PREFIX + json.dumps(result, default=_jsonable) + "\n")
+  sys.stdout.flush()
+
+
+def _jsonable(x):
+  """numpy scalars and arrays as plain Python values."""
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")

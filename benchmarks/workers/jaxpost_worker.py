@@ -1,0 +1,207 @@
+"""jaxpost side of `benchmarks/run.py`: one workload per process, in the project's venv.
+
+What one timed step is, per workload (each step ends with `jax.block_until_ready` on the new
+train state and the metrics, or on the generated tokens):
+
+* **matmul**: not a workload but the f32 ceiling: `bench_model.bench_matmul` (best GFLOP/s of a
+  jitted square `a @ b`), run at the start and at the end of a benchmark run.
+* **sft**: `jaxpost.train.make_train_step(partial(sft_loss, config=...), adamw)` as in
+  `bench_model.bench_train_step`: one call `step(state, batch, {})` (forward, chunked LM head
+  and log-softmax under `jax.checkpoint`, backward, AdamW, the NaN guard). The loss covers
+  the T - 1 tokens that have a next token (as Tunix's and Hugging Face's shifted losses).
+* **lora**: the same step over `jaxpost.peft.lora_loss(sft_loss, LoraConfig(rank, alpha,
+  targets))`: the trainable params are the adapters from `init_lora`, the base arrives frozen
+  as `{"base": params}` (no gradient, no optimizer state), as `jaxpost.train.trainer` wires
+  it; how the adapters enter the forward is `jaxpost.peft.lora`'s business.
+* **dpo**: the same step over jaxpost's own `jaxpost.losses.dpo.dpo_loss(loss_type="sigmoid",
+  beta)` on a paired [P, 2, T] batch (index 0 chosen, 1 rejected): policy log-probs of the 2P
+  rows in one forward (`forward(..., compute_logits=False)`, `target_logprobs`,
+  `sequence_logprobs`), the reference parameters passed frozen as `{"ref_params": ...}` and
+  their log-probs computed inside the same step under `stop_gradient`, then
+  `jaxpost.losses.preference.preference_loss` (DPO, Rafailov et al. 2023, eq. 7) on the
+  summed response log-probs.
+* **generate**: one call of `jaxpost.sampling.generate(..., temperature=0.0)` (greedy) on the
+  prompt batch, prefill included.
+
+Besides the times, it counts the FLOPs of every matmul in each training step's traced program
+(`bench_model.jaxpr_matmul_flops`): the matmul work jaxpost actually executes, to compare with
+the model FLOPs that MFU is charged (recomputation, or full weight gradients under LoRA, would
+show up as a difference).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(_HERE))  # benchmarks/, for bench_model
+
+import common
+
+PACKAGES = ("jaxpost", "jax", "jaxlib", "flax", "optax", "numpy")  # whose versions a result records
+
+
+def jaxpost_config(model: dict):
+  """jaxpost's `ModelConfig` for the spec's "model" entry."""
+  from jaxpost.models import ModelConfig, RopeConfig
+
+  return ModelConfig(
+      model_type="llama", vocab_size=model["vocab_size"], hidden_size=model["hidden_size"],
+      num_layers=model["num_layers"], num_heads=model["num_heads"],
+      num_kv_heads=model["num_kv_heads"], head_dim=model["head_dim"],
+      intermediate_size=model["intermediate_size"], rms_norm_eps=model["norm_eps"],
+      rope=RopeConfig(theta=float(model["rope_theta"])),
+      tie_embeddings=model["tie_embeddings"])
+
+
+def make_optimizer(spec: dict):
+  """AdamW with the spec's hyper-parameters (constant learning rate, no clipping)."""
+  import optax
+
+  o = spec["optim"]
+  return optax.adamw(o["lr"], b1=o["b1"], b2=o["b2"], eps=o["eps"],
+                     weight_decay=o["weight_decay"])
+
+
+def lm_batch(tokens_BxT, scored_BxT=None) -> dict:
+  """A jaxpost batch for next-token losses over `tokens_BxT`.
+
+  `scored_BxT` marks the tokens whose log-probability counts (default: all but the first);
+  the loss mask sits one position earlier, where that token is the target.
+  """
+  import numpy as np
+
+  B, T = tokens_BxT.shape
+  if scored_BxT is None:
+    scored_BxT = np.ones((B, T), bool)
+    scored_BxT[:, 0] = False
+  loss_mask = np.zeros((B, T), bool)
+  loss_mask[:, :-1] = scored_BxT[:, 1:]
+  return {"tokens": tokens_BxT, "targets": np.roll(tokens_BxT, -1, axis=1),
+          "loss_mask": loss_mask, "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+
+
+def bench_train(spec: dict) -> dict:
+  """SFT, LoRA or DPO update steps through `make_train_step`."""
+  import jax
+  import jax.numpy as jnp
+  from bench_model import jaxpr_matmul_flops
+
+  from jaxpost.losses import sft_loss
+  from jaxpost.losses.dpo import dpo_loss
+  from jaxpost.models import init_params
+  from jaxpost.peft import LoraConfig, init_lora, lora_loss
+  from jaxpost.train import init_state, make_train_step
+
+  w = spec["workload"]
+  config = jaxpost_config(spec["model"])
+  params = init_params(config, jax.random.key(spec["seed"]), dtype=jnp.float32)
+  opt = make_optimizer(spec)
+  if w == "dpo":
+    tokens, response = common.dpo_rows(spec)
+    P = tokens.shape[0] // 2  # [2P, T] rows (chosen, then rejected) -> [P, 2, T] pairs
+    batch = {k: v.reshape(2, P, *v.shape[1:]).swapaxes(0, 1)
+             for k, v in lm_batch(tokens, response).items()}
+    loss_fn = functools.partial(dpo_loss, config=config, loss_type="sigmoid",
+                                beta=spec["dpo"]["beta"])
+    trainable, frozen = params, {"ref_params": jax.tree.map(jnp.copy, params)}
+  else:
+    tokens = common.sft_tokens(spec)
+    batch = lm_batch(tokens)
+    loss_fn = functools.partial(sft_loss, config=config)
+    trainable, frozen = params, {}
+    if w == "lora":
+      lo = spec["lora"]
+      lora = LoraConfig(rank=lo["rank"], alpha=float(lo["alpha"]), targets=tuple(lo["targets"]))
+      loss_fn = lora_loss(loss_fn, lora)
+      trainable = init_lora(config, lora, jax.random.key(spec["seed"] + 1))
+      frozen = {"base": params}
+  batch = jax.device_put(batch)
+  step = make_train_step(loss_fn, opt)
+  holder = [init_state(trainable, opt, jax.random.key(0))]
+  n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+  losses = []
+
+  def one():
+    holder[0], metrics = step(holder[0], batch, frozen)
+    jax.block_until_ready((holder[0], metrics))
+    losses.append(float(metrics["loss"]))
+    return metrics
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], batch, frozen)
+  return dict(timing, data_digest=common.digest(tokens), losses=losses,
+              trainable_params=n_trainable, executed_matmul_flops=executed)
+
+
+def bench_generate(spec: dict) -> dict:
+  """Greedy `jaxpost.sampling.generate` on the prompt batch."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxpost.models import init_params
+  from jaxpost.sampling import generate
+
+  g = spec["generate"]
+  config = jaxpost_config(spec["model"])
+  params = init_params(config, jax.random.key(spec["seed"]), dtype=jnp.float32)
+  ids = common.prompts(spec)
+  call = functools.partial(generate, config, params, ids.tolist(),
+                           max_new_tokens=g["new_tokens"], temperature=0.0)
+  lengths = []
+
+  def one():
+    out = jax.block_until_ready(call())
+    lengths.append(np.asarray(out.lengths).tolist())
+    return out
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  if any(n != g["new_tokens"] for n in lengths[-1]):
+    raise RuntimeError(f"jaxpost generated {lengths[-1]} tokens per row, expected "
+                       f"{g['new_tokens']} each")
+  return dict(timing, data_digest=common.digest(ids), generated_lengths=sorted(set(lengths[-1])))
+
+
+def bench_ceiling(spec: dict) -> dict:
+  """The f32 matmul ceiling (`bench_model.bench_matmul`)."""
+  from bench_model import bench_matmul
+
+  m = spec["matmul"]
+  best, rows = bench_matmul(m["sizes"], m["reps"])
+  return {"ceiling_gflop_per_s": best,
+          "sizes": {r.shape: r.extra["best_gflop_per_s"] for r in rows}}
+
+
+def main() -> None:
+  """Runs the spec's workload and prints the result line."""
+  spec = common.read_spec()
+  start = time.perf_counter()
+  import jax
+
+  common.log(f"jaxpost worker: {spec['workload']} on {jax.devices()[0].device_kind}")
+  w = spec["workload"]
+  if w in ("sft", "lora", "dpo"):
+    result = bench_train(spec)
+  elif w == "generate":
+    result = bench_generate(spec)
+  elif w == "matmul":
+    result = bench_ceiling(spec)
+  else:
+    raise SystemExit(f"jaxpost worker: no workload {w!r}")
+  result.update(framework="jaxpost", workload=w, versions=common.package_versions(PACKAGES),
+                wall_s=time.perf_counter() - start)
+  if w == "matmul":
+    from bench_model import machine_info
+
+    result["machine"] = machine_info()
+  common.emit(result)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,268 @@
+"""Tunix side of `benchmarks/run.py`: one workload per process, in `benchmarks/.tunix-venv`.
+
+Everything here calls Tunix (google-tunix 0.1.7) and its dependencies; nothing of Tunix is
+copied. The model is `tunix.models.llama3.model.Llama3` with a `ModelConfig` built at the
+benchmark shape, its weights drawn by Tunix's own `create_dummy_model` (normal, std 0.02, like
+jaxpost's `init_params`; norm scales then set to one), under a 1 x 1 `("fsdp", "tp")` mesh
+whose axes are `AxisType.Auto`: jax >= 0.10's `jax.make_mesh` defaults to Explicit axes, and
+Tunix's models fail under them (the embedding lookup raises a `ShardingTypeError`).
+
+What one timed step is, per workload (each step ends when its outputs are ready):
+
+* **sft**: `PeftTrainer` (full-parameter: no LoRA params, so it optimises every `nnx.Param`)
+  with its default loss (next-token cross-entropy on the full logits) and a model-input
+  function like Tunix's `peft_main` (positions and a causal mask from the input mask). A step
+  is one call of the trainer's own jitted step (`trainer.jit_train_and_eval_step()`, the
+  function `trainer.train()` calls) on a `TrainingInput`, after the trainer's
+  `_prepare_inputs` and `shard_input`, exactly the work of one iteration of its loop minus
+  metric logging, the progress bar and checkpointing.
+* **lora**: the same on a model that `qwix.apply_lora_to_model` gave rank-16 adapters (alpha
+  32) on q, k, v, o, gate, up and down (`qwix.LoraProvider`, as Tunix's cli does); the
+  trainer then optimises only the `nnx.LoRAParam`s.
+* **dpo**: `DpoTrainer` (beta 0.1, sigmoid loss) with a reference model (a second `Llama3`
+  with the same weights). A step is `trainer._prepare_inputs(TrainingInput)` (which runs the
+  reference model's jitted log-prob pass) then the jitted train step: the loop's work.
+* **generate**: `tunix.generate.sampler.Sampler` (KV cache of prompt + new tokens), greedy
+  (temperature 0), `max_prompt_length` = the prompt length, an end token that is never
+  produced (so every row generates all new tokens). A "step" is one `sampler(...)` call,
+  tokenising the prompts (a stub tokenizer that maps "12 7 ..." to ids) and decoding the
+  outputs included.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+
+# Whose versions a result records.
+PACKAGES = ("google-tunix", "jax", "jaxlib", "flax", "optax", "qwix", "numpy")
+
+
+class IdTokenizer:
+  """The tokenizer interface Tunix's sampler needs, over strings of space-separated ids."""
+
+  def encode(self, text: str, **kwargs) -> list[int]:
+    del kwargs
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids, **kwargs) -> str:
+    del kwargs
+    return " ".join(str(int(i)) for i in ids)
+
+  def bos_id(self):
+    return None  # no BOS is prepended
+
+  def eos_id(self) -> int:
+    return -1  # never produced: every row runs to max_generation_steps
+
+  def pad_id(self) -> int:
+    return 0
+
+
+def tunix_config(spec: dict):
+  """Tunix's Llama 3 `ModelConfig` at the benchmark shape."""
+  from tunix.models.llama3 import model as llama3
+
+  m = spec["model"]
+  return llama3.ModelConfig(
+      num_layers=m["num_layers"], vocab_size=m["vocab_size"], embed_dim=m["hidden_size"],
+      hidden_dim=m["intermediate_size"], num_heads=m["num_heads"], head_dim=m["head_dim"],
+      num_kv_heads=m["num_kv_heads"], rope_theta=m["rope_theta"], norm_eps=m["norm_eps"],
+      weight_tying=m["tie_embeddings"])
+
+
+def make_model(spec: dict, mesh):
+  """A randomly initialised float32 `Llama3`.
+
+  Tunix's `create_dummy_model` draws every parameter from normal(0, 0.02), the RMSNorm scales
+  too, which makes the model's outputs nearly uniform; the norm scales are then reset to one
+  (as jaxpost's and Hugging Face's initialisers have them), so that the losses of both sides
+  start alike. Neither changes the work of a step.
+  """
+  import jax.numpy as jnp
+  from flax import nnx
+  from tunix.models import dummy_model_creator
+  from tunix.models.llama3 import model as llama3
+
+  model = dummy_model_creator.create_dummy_model(
+      llama3.Llama3, tunix_config(spec), mesh=mesh, dtype=jnp.float32,
+      random_seed=spec["seed"], scale=0.02)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, llama3.RMSNorm):
+      module.w.set_value(jnp.ones_like(module.w.get_value()))
+  return model
+
+
+def make_optimizer(spec: dict):
+  """AdamW with the spec's hyper-parameters (constant learning rate, no clipping)."""
+  import optax
+
+  o = spec["optim"]
+  return optax.adamw(o["lr"], b1=o["b1"], b2=o["b2"], eps=o["eps"],
+                     weight_decay=o["weight_decay"])
+
+
+def apply_lora(model, spec: dict):
+  """The model with qwix LoRA adapters on every projection (Tunix's cli recipe)."""
+  import qwix
+  from flax import nnx
+
+  lo = spec["lora"]
+  names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+           "up": "up_proj", "down": "down_proj"}
+  module_path = "|".join(f".*{names[t]}" for t in lo["targets"])
+  provider = qwix.LoraProvider(module_path=module_path, rank=lo["rank"], alpha=lo["alpha"])
+  return qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(1),
+                                  **model.get_model_input())
+
+
+def count_params(model, param_type) -> int:
+  """Number of scalars in the model's variables of `param_type`."""
+  import jax
+  from flax import nnx
+
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, param_type)))
+
+
+def bench_peft(spec: dict, mesh, lora: bool) -> dict:
+  """Full-parameter SFT or LoRA SFT steps with `PeftTrainer`."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tunix.sft import peft_trainer, sharding_utils, utils
+
+  model = make_model(spec, mesh)
+  if lora:
+    model = apply_lora(model, spec)
+  config = peft_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=None,
+                                       pbar_description=None)
+  trainer = peft_trainer.PeftTrainer(model, make_optimizer(spec), config)
+
+  def gen_model_input_fn(x: peft_trainer.TrainingInput):
+    mask = x.input_mask.astype(bool)
+    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+            "positions": utils.build_positions_from_mask(mask),
+            "attention_mask": utils.make_causal_attn_mask(mask)}
+
+  trainer = trainer.with_gen_model_input_fn(gen_model_input_fn)
+  tokens = common.sft_tokens(spec)
+  example = peft_trainer.TrainingInput(input_tokens=tokens,
+                                       input_mask=np.ones(tokens.shape, np.int32))
+  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
+  wrt = nnx.LoRAParam if lora else nnx.Param
+  losses = []
+
+  def one():
+    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
+                                        config.data_sharding_axis)
+    loss, _, grad_norm = train_step(inputs)
+    jax.block_until_ready((loss, grad_norm, nnx.state(trainer.model, wrt)))
+    losses.append(float(loss))
+    return loss
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  return dict(timing, data_digest=common.digest(tokens), losses=losses,
+              trainable_params=count_params(trainer.model, wrt),
+              lora_enabled=utils.is_lora_enabled(trainer.model))
+
+
+def bench_dpo(spec: dict, mesh) -> dict:
+  """DPO steps with `DpoTrainer` and a reference model."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tunix.sft import sharding_utils
+  from tunix.sft.dpo import dpo_trainer
+
+  model = make_model(spec, mesh)
+  ref_model = make_model(spec, mesh)  # the same seed: the same weights
+  d = spec["dpo"]
+  config = dpo_trainer.DPOTrainingConfig(eval_every_n_steps=10**9, max_steps=None,
+                                         pbar_description=None, beta=d["beta"])
+  trainer = dpo_trainer.DPOTrainer(model, ref_model, make_optimizer(spec), config)
+  prompt, chosen, rejected = common.dpo_pairs(spec)
+  ones = lambda a: np.ones(a.shape, np.int32)
+  example = dpo_trainer.TrainingInput(
+      prompt_ids=prompt, prompt_mask=ones(prompt), chosen_ids=chosen,
+      chosen_mask=ones(chosen), rejected_ids=rejected, rejected_mask=ones(rejected))
+  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
+  losses = []
+
+  def one():
+    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
+                                        config.data_sharding_axis)
+    loss, aux, grad_norm = train_step(inputs)
+    jax.block_until_ready((loss, aux, grad_norm, nnx.state(trainer.model, nnx.Param)))
+    losses.append(float(loss))
+    return loss
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  tokens, _ = common.dpo_rows(spec)
+  return dict(timing, data_digest=common.digest(tokens), losses=losses,
+              trainable_params=count_params(trainer.model, nnx.Param))
+
+
+def bench_generate(spec: dict, mesh) -> dict:
+  """Greedy generation with Tunix's `Sampler`."""
+  from tunix.generate import sampler as sampler_lib
+
+  g = spec["generate"]
+  m = spec["model"]
+  model = make_model(spec, mesh)
+  cache = sampler_lib.CacheConfig(cache_size=g["prompt_len"] + g["new_tokens"],
+                                  num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"],
+                                  head_dim=m["head_dim"])
+  sampler = sampler_lib.Sampler(model, IdTokenizer(), cache)
+  ids = common.prompts(spec)
+  texts = [" ".join(str(int(t)) for t in row) for row in ids]
+  lengths = []
+
+  def one():
+    out = sampler(texts, max_generation_steps=g["new_tokens"], max_prompt_length=g["prompt_len"],
+                  temperature=0.0, eos_tokens=[-1])
+    lengths.append([len(t) for t in out.tokens])
+    return out
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  if any(n != g["new_tokens"] for n in lengths[-1]):
+    raise RuntimeError(f"Tunix generated {lengths[-1]} tokens per row, expected "
+                       f"{g['new_tokens']} each")
+  return dict(timing, data_digest=common.digest(ids), generated_lengths=sorted(set(lengths[-1])))
+
+
+def main() -> None:
+  """Runs the spec's workload and prints the result line."""
+  spec = common.read_spec()
+  start = time.perf_counter()
+  import jax
+
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(auto, auto))
+  common.log(f"tunix worker: {spec['workload']} on {jax.devices()[0].device_kind}")
+  # Tunix 0.1.7 reads the mesh from `pxla.thread_resources`, which only the (deprecated in
+  # jax 0.10) `with mesh:` sets; `jax.set_mesh` would leave Tunix without a mesh.
+  warnings.filterwarnings("ignore", message=".*`with mesh:` context manager",
+                          category=DeprecationWarning)
+  with mesh:
+    w = spec["workload"]
+    if w in ("sft", "lora"):
+      result = bench_peft(spec, mesh, lora=w == "lora")
+    elif w == "dpo":
+      result = bench_dpo(spec, mesh)
+    elif w == "generate":
+      result = bench_generate(spec, mesh)
+    else:
+      raise SystemExit(f"tunix worker: no workload {w!r}")
+  result.update(framework="tunix", workload=spec["workload"],
+                versions=common.package_versions(PACKAGES), wall_s=time.perf_counter() - start)
+  common.emit(result)
+
+
+if __name__ == "__main__":
+  main()
