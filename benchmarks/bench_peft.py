@@ -56,7 +56,7 @@ from jaxpost.peft import (LoraConfig, dequantize_params, init_lora, lora_loss,
 from jaxpost.peft.quant import TARGETS, is_quantized
 from jaxpost.train import init_state, make_train_step
 
-VARIANTS = ("full", "lora", "dora", "qlora-nf4", "qlora-int8")
+VARIANTS = ("full", "lora", "dora", "qlora-nf4", "qlora-int8", "dpo-full", "dpo-lora")
 MB = 1e6
 
 
@@ -90,7 +90,26 @@ def bench_variant(name: str, reps: int, batch: int, seq_len: int) -> dict[str, A
   params = init_params(config, jax.random.key(0), dtype=jnp.float32)
   opt = optax.adamw(1e-4)
   sft = functools.partial(sft_loss, config=config)
-  if name == "full":
+  tokens_per_step = batch * seq_len
+  if name.startswith("dpo"):
+    # DPO with an in-step reference: `batch` pairs of `seq_len` tokens per side, one forward of
+    # [2 * batch, seq_len] for the policy and one (no gradient) for the reference.
+    from jaxpost.losses import dpo_loss  # pylint: disable=import-outside-toplevel
+    from jaxpost.peft import attach_lora  # pylint: disable=import-outside-toplevel
+    dpo = functools.partial(dpo_loss, config=config, beta=0.1)
+    pair = make_batch(config, 2 * batch, seq_len)
+    data = {k: jnp.stack([v[:batch], v[batch:]], axis=1) for k, v in pair.items()}
+    tokens_per_step = 2 * batch * seq_len
+    if name == "dpo-full":
+      trainable, frozen = params, {"ref": jax.tree.map(jnp.copy, params)}
+      loss = lambda p, b, r, *, ref: dpo(p, b, r, ref_params=ref)  # noqa: E731
+    else:
+      lora = LoraConfig(rank=16, alpha=32.0)
+      trainable, frozen = init_lora(config, lora, jax.random.key(1)), {"base": params}
+      loss = lambda a, b, r, *, base: dpo(attach_lora(base, a, lora), b, r,  # noqa: E731
+                                          ref_params=base)
+    del params
+  elif name == "full":
     trainable, loss, frozen = params, sft, {}
   else:
     lora = LoraConfig(rank=16, alpha=32.0, dora=name == "dora")
@@ -98,7 +117,8 @@ def bench_variant(name: str, reps: int, batch: int, seq_len: int) -> dict[str, A
     trainable = init_lora(config, lora, jax.random.key(1), base=base if lora.dora else None)
     loss, frozen = lora_loss(sft, lora), {"base": base}
     del params, base  # QLoRA: the float32 layer weights go; only the frozen tree holds the base
-  data = make_batch(config, batch, seq_len)
+  if not name.startswith("dpo"):
+    data = make_batch(config, batch, seq_len)
   n_train, train_bytes = _count(trainable)
   state = init_state(trainable, opt, jax.random.key(2))  # donated by the step: not reused
   _, opt_bytes = _count(state.opt_state)
@@ -140,7 +160,7 @@ def bench_variant(name: str, reps: int, batch: int, seq_len: int) -> dict[str, A
       "quantized_params": sum(q.size for q in quantized),
       "quantized_bytes": sum(q.nbytes for q in quantized),
       "compile_s": compile_s, "first_call_s": first_s, "times_s": times, "median_s": median,
-      "tokens_per_s": batch * seq_len / median, "losses": losses, "xla_memory_bytes": xla,
+      "tokens_per_s": tokens_per_step / median, "losses": losses, "xla_memory_bytes": xla,
       "rss_setup_mb": rss_setup, "rss_peak_mb": _rss_mb(),
   }
 
