@@ -82,8 +82,7 @@ def make_trainable(cfg: RunConfig, config: ModelConfig, params: dict, p_shard, m
           f"targets={','.join(lora.targets)})")
     base, b_shard = params, p_shard
     if lc.quantize != "none":
-      targets = tuple(t for t in ("q", "k", "v", "o", "gate", "up", "down"))
-      base = jax.jit(lambda p: quantize_params(p, targets, kind=lc.quantize))(params)
+      base = jax.jit(lambda p: quantize_params(p, kind=lc.quantize))(params)  # all projections
       b_shard = _replicated_quantized(p_shard, base, mesh)
       base = jax.device_put(base, b_shard)
     t_shard = sharding_lib.param_shardings(lora_specs(config, lora), mesh)
