@@ -380,6 +380,14 @@ def kto_batch(items: Sequence[Unpaired | None], seq_len: int, *, pad_id: int = 0
 # ---------------------------------------------------------------------------------------------
 
 
+def _build(tokenize, collate, path, tokenizer: Tokenizer, *, split: str, on_bad_row: str,
+           **iterator_kwargs) -> PreferenceIterator:
+  """Rows of `path` -> `tokenize` -> a `PreferenceIterator` of `collate` batches."""
+  tokenized = tokenize(read_rows(path, split=split), tokenizer, on_bad_row=on_bad_row)
+  return PreferenceIterator(tokenized, collate=collate, pad_id=pad_id_of(tokenizer),
+                            **iterator_kwargs)
+
+
 def build_preference_batches(
     path: str | Path | Any,
     tokenizer: Tokenizer,
@@ -411,12 +419,10 @@ def build_preference_batches(
     shuffle, epochs, drop_remainder, state: see `PreferenceIterator`.
     split: the split of a hub dataset (local files are "train"; slices like "train[:100]").
   """
-  tokenized = tokenize_pairs(read_rows(path, split=split), tokenizer, on_bad_row=on_bad_row)
-  return PreferenceIterator(tokenized, collate=pair_batch, batch_size=batch_size,
-                            seq_len=seq_len, max_length=max_length,
-                            max_prompt_length=max_prompt_length, shuffle=shuffle, seed=seed,
-                            drop_remainder=drop_remainder, epochs=epochs,
-                            pad_id=pad_id_of(tokenizer), state=state)
+  return _build(tokenize_pairs, pair_batch, path, tokenizer, split=split, on_bad_row=on_bad_row,
+                batch_size=batch_size, seq_len=seq_len, max_length=max_length,
+                max_prompt_length=max_prompt_length, shuffle=shuffle, seed=seed,
+                drop_remainder=drop_remainder, epochs=epochs, state=state)
 
 
 def build_kto_batches(
@@ -441,9 +447,7 @@ def build_kto_batches(
   if batch_size < 2:
     raise ValueError(f"KTO batches need batch_size >= 2 (the KL baseline pairs each prompt with "
                      f"another row's completion), got {batch_size}.")
-  tokenized = tokenize_unpaired(read_rows(path, split=split), tokenizer, on_bad_row=on_bad_row)
-  return PreferenceIterator(tokenized, collate=kto_batch, batch_size=batch_size,
-                            seq_len=seq_len, max_length=max_length,
-                            max_prompt_length=max_prompt_length, shuffle=shuffle, seed=seed,
-                            drop_remainder=drop_remainder, epochs=epochs,
-                            pad_id=pad_id_of(tokenizer), state=state)
+  return _build(tokenize_unpaired, kto_batch, path, tokenizer, split=split,
+                on_bad_row=on_bad_row, batch_size=batch_size, seq_len=seq_len,
+                max_length=max_length, max_prompt_length=max_prompt_length, shuffle=shuffle,
+                seed=seed, drop_remainder=drop_remainder, epochs=epochs, state=state)
