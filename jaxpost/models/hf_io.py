@@ -164,6 +164,22 @@ def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
     mesh: place every parameter straight onto its sharding on this mesh (by `rules`);
       default: the first device.
   """
+  return load_tensors(
+      path, maps_of=_tensor_maps, specs_of=param_specs, dtype=dtype, mesh=mesh, rules=rules,
+      unused=lambda name, config: name == "lm_head.weight" and config.tie_embeddings)
+
+
+def load_tensors(path: str | os.PathLike, *, maps_of: Callable, specs_of: Callable, dtype,
+                 mesh: Mesh | None, rules, unused: Callable[[str, ModelConfig], bool],
+                 what: str = "model", check: Callable | None = None,
+                 shape_hint: Callable[[str, tuple, tuple], str] = lambda name, got, want: ""
+                 ) -> tuple[ModelConfig, dict]:
+  """The loader behind `load_hf` (and reward models): folder checks, every tensor's name and
+  shape against `maps_of(config)` / `specs_of(config)` before anything is read, then each
+  parameter built shard by shard with `make_array_from_callback`.
+
+  `unused(name, config)` names tensors that may be present and are ignored; `check(path,
+  where)` runs first for layout-specific errors; `shape_hint` adds to a shape error."""
   path = Path(path)
   files = _check_folder(path)
   config = read_config(path)
@@ -172,24 +188,24 @@ def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
   for r in readers:
     for k in r.keys():
       where[k] = r
+  if check is not None:
+    check(path, where)
 
-  maps = _tensor_maps(config)
-  expected = {}
-  for m in maps:
-    for i in (range(config.num_layers) if m.per_layer else [None]):
-      expected[m.hf.format(i=i)] = m
+  maps = maps_of(config)
+  expected = {m.hf.format(i=i): m for m in maps
+              for i in (range(config.num_layers) if m.per_layer else [None])}
   missing = [k for k in expected if k not in where]
   if missing:
     raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   extra = [k for k in where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
-           and not (k == "lm_head.weight" and config.tie_embeddings)]
+           and not unused(k, config)]
   if extra:
     raise CheckpointError(
         f"{path}: unexpected tensor {extra[0]!r} in {where[extra[0]].path.name} for a "
-        f"{config.model_type} model" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        f"{config.model_type} {what}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
-  specs = param_specs(config)
+  specs = specs_of(config)
   if dtype is None:
     dtype = where["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
   dtype = np.dtype(jnp.dtype(dtype))
@@ -202,10 +218,11 @@ def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
     want = m.to_hf(np.zeros(spec.shape[1:] if m.per_layer else spec.shape, np.int8)).shape
     for i in (range(config.num_layers) if m.per_layer else [None]):
       name = m.hf.format(i=i)
-      if where[name].shape(name) != want:
+      got = where[name].shape(name)
+      if got != want:
         raise CheckpointError(
-            f"{where[name].path}: tensor {name!r} has shape {list(where[name].shape(name))}, "
-            f"but config.json implies {list(want)}")
+            f"{where[name].path}: tensor {name!r} has shape {list(got)}, but config.json "
+            f"implies {list(want)}{shape_hint(name, tuple(got), tuple(want))}")
 
   params: dict = {}
   for m in maps:

@@ -26,16 +26,15 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_to_hf
-from jaxpost.models.hf_io import (_IGNORED_SUFFIXES, CheckpointError, _cast, _check_folder,
-                                  _get_path, _Map, _parse_size, _set_path, _tensor_maps,
-                                  _write_json, read_config)
+from jaxpost.models.hf_io import (CheckpointError, _cast, _get_path, _Map, _parse_size,
+                                  _tensor_maps, _write_json, load_tensors)
 from jaxpost.models.params import ParamSpec, param_specs
-from jaxpost.models.safetensors_io import SafetensorsFile, save_file
+from jaxpost.models.safetensors_io import save_file
 from jaxpost.models.weights import is_weight_object, materialize
 
 SCORE = "score"
@@ -198,71 +197,20 @@ def load_reward_model_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | No
       `jaxpost.reward.with_score_head`), or a shape that disagrees with config.json (e.g. more
       than one label).
   """
-  path = Path(path)
-  files = _check_folder(path)
-  config = read_config(path)
-  readers = [SafetensorsFile(f) for f in files]
-  where: dict[str, SafetensorsFile] = {}
-  for r in readers:
-    for k in r.keys():
-      where[k] = r
+  def check(path, where):
+    if "score.weight" not in where:
+      raise CheckpointError(
+          f"{path}: no 'score.weight' tensor, so not a reward (sequence-classification) model. "
+          "To start a reward model from a causal LM, load it with load_hf and add a head with "
+          "jaxpost.reward.with_score_head.")
 
-  maps = _reward_maps(config)
-  expected = {m.hf.format(i=i): m for m in maps
-              for i in (range(config.num_layers) if m.per_layer else [None])}
-  if "score.weight" not in where:
-    raise CheckpointError(
-        f"{path}: no 'score.weight' tensor, so not a reward (sequence-classification) model. "
-        "To start a reward model from a causal LM, load it with load_hf and add a head with "
-        "jaxpost.reward.with_score_head.")
-  missing = [k for k in expected if k not in where]
-  if missing:
-    raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  def hint(name, got, want):
+    if name == "score.weight" and len(got) == 2 and got[-1] == want[-1]:
+      return " (a reward model has one label: num_labels=1)"
+    return ""
+
   # An LM head left beside the score head is unused by transformers too.
-  extra = [k for k in where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
-           and k != "lm_head.weight"]
-  if extra:
-    raise CheckpointError(
-        f"{path}: unexpected tensor {extra[0]!r} in {where[extra[0]].path.name} for a "
-        f"{config.model_type} reward model"
-        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-
-  specs = reward_param_specs(config)
-  if dtype is None:
-    dtype = where["model.embed_tokens.weight"].dtype("model.embed_tokens.weight")
-  dtype = np.dtype(jnp.dtype(dtype))
-  shard_tree = sharding_lib.param_shardings(specs, mesh, rules) if mesh is not None else None
-  device = SingleDeviceSharding(jax.devices()[0])
-
-  for m in maps:
-    spec = _get_path(specs, m.path)
-    want = m.to_hf(np.zeros(spec.shape[1:] if m.per_layer else spec.shape, np.int8)).shape
-    for i in (range(config.num_layers) if m.per_layer else [None]):
-      name = m.hf.format(i=i)
-      got = where[name].shape(name)
-      if got != want:
-        hint = (" (a reward model has one label: num_labels=1)"
-                if name == "score.weight" and len(got) == 2 and got[-1] == want[-1] else "")
-        raise CheckpointError(
-            f"{where[name].path}: tensor {name!r} has shape {list(got)}, but config.json "
-            f"implies {list(want)}{hint}")
-
-  params: dict = {}
-  for m in maps:
-    spec = _get_path(specs, m.path)
-
-    def read(i, m=m):
-      name = m.hf.format(i=i)
-      return m.to_ours(where[name].get(name))
-
-    def callback(index, m=m, read=read, spec=spec):
-      if not m.per_layer:
-        return _cast(read(None)[index], dtype)
-      layers = range(spec.shape[0])[index[0]]
-      return np.stack([_cast(read(i)[index[1:]], dtype) for i in layers])
-
-    target = _get_path(shard_tree, m.path) if shard_tree is not None else device
-    _set_path(params, m.path, jax.make_array_from_callback(spec.shape, target, callback))
-  return config, params
+  return load_tensors(path, maps_of=_reward_maps, specs_of=reward_param_specs, dtype=dtype,
+                      mesh=mesh, rules=rules, unused=lambda name, _: name == "lm_head.weight",
+                      what="reward model", check=check, shape_hint=hint)
 
