@@ -25,6 +25,7 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_from_hf, config_to_hf
 from jaxpost.models.params import param_specs
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
+from jaxpost.models.weights import is_weight_object, materialize
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some exporters write that are recomputed, not learned.
@@ -270,6 +271,18 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype
   than `max_shard_size` is split into `model-0000k-of-0000n.safetensors` with an index file.
   Each file is written to a temporary name and renamed, so a crash never leaves a half file.
   """
+  write_tensors(path, params, _tensor_maps(config), param_specs(config), config.num_layers,
+                dtype=dtype, max_shard_size=max_shard_size,
+                config_json=lambda hf_dtype: config_to_hf(config, hf_dtype))
+
+
+def write_tensors(path: str | os.PathLike, params: dict, maps: list, specs: dict,
+                  num_layers: int, *, dtype, max_shard_size: int | str,
+                  config_json: Callable[[str], dict]) -> None:
+  """The writer behind `save_hf` (and reward models): the tensors of `maps` under their HF
+  names, in `dtype` (default: the embedding's), sharded by `max_shard_size` with an index,
+  then `config_json(hf_dtype)` as config.json. Weight objects (adapters, quantised weights)
+  are written as their effective weights."""
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   limit = _parse_size(max_shard_size)
@@ -277,26 +290,28 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype
 
   # Plan the shards from shapes alone, then materialise and write one shard at a time, so
   # host memory holds at most one shard.
-  specs = param_specs(config)
   plan: list[list[tuple[str, _Map, int | None]]] = [[]]
   size = 0
-  for m in _tensor_maps(config):
+  for m in maps:
     spec = _get_path(specs, m.path)
     nbytes = int(np.prod(spec.shape[1:] if m.per_layer else spec.shape)) * dtype.itemsize
-    for i in (range(config.num_layers) if m.per_layer else [None]):
+    for i in (range(num_layers) if m.per_layer else [None]):
       if size and size + nbytes > limit:
         plan.append([])
         size = 0
       plan[-1].append((m.hf.format(i=i), m, i))
       size += nbytes
 
+  def host(leaf, i):
+    if i is not None:  # one layer of a stacked weight (array or weight object)
+      leaf = jax.tree.map(lambda x: x[i], leaf)
+    if is_weight_object(leaf):
+      leaf = materialize(leaf)
+    return np.asarray(jax.device_get(leaf))
+
   def materialise(entries):
-    out = {}
-    for name, m, i in entries:
-      leaf = _get_path(params, m.path)
-      value = np.asarray(jax.device_get(leaf[i] if m.per_layer else leaf))
-      out[name] = np.ascontiguousarray(_cast(m.to_hf(value), dtype))
-    return out
+    return {name: np.ascontiguousarray(_cast(m.to_hf(host(_get_path(params, m.path), i)), dtype))
+            for name, m, i in entries}
 
   for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
     stale.unlink(missing_ok=True)
@@ -315,7 +330,7 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
   hf_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
               np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(dtype, "float32")
-  _write_json(path / "config.json", config_to_hf(config, hf_dtype))
+  _write_json(path / "config.json", config_json(hf_dtype))
 
 
 def _write_json(path: Path, obj) -> None:

@@ -20,22 +20,14 @@ refused.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_to_hf
-from jaxpost.models.hf_io import (CheckpointError, _cast, _get_path, _Map, _parse_size,
-                                  _tensor_maps, _write_json, load_tensors)
+from jaxpost.models.hf_io import (CheckpointError, _Map, _tensor_maps, load_tensors, write_tensors)
 from jaxpost.models.params import ParamSpec, param_specs
-from jaxpost.models.safetensors_io import save_file
-from jaxpost.models.weights import is_weight_object, materialize
 
 SCORE = "score"
 
@@ -132,55 +124,9 @@ def save_reward_model_hf(config: ModelConfig, params: dict, path: str | os.PathL
     raise ValueError("params hold a prompt/prefix-tuning 'prefix', which a transformers "
                      "sequence-classification model cannot represent")
 
-  path = Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  limit = _parse_size(max_shard_size)
-  dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
-
-  # Plan the shards from shapes alone, then write one shard at a time (as `save_hf`).
-  specs = reward_param_specs(config)
-  maps = _reward_maps(config)
-  plan: list[list[tuple[str, _Map, int | None]]] = [[]]
-  size = 0
-  for m in maps:
-    spec = _get_path(specs, m.path)
-    nbytes = int(np.prod(spec.shape[1:] if m.per_layer else spec.shape)) * dtype.itemsize
-    for i in (range(config.num_layers) if m.per_layer else [None]):
-      if size and size + nbytes > limit:
-        plan.append([])
-        size = 0
-      plan[-1].append((m.hf.format(i=i), m, i))
-      size += nbytes
-
-  def host(leaf, i):
-    if i is not None:  # one layer of a stacked weight (array or weight object)
-      leaf = jax.tree.map(lambda x: x[i], leaf)
-    if is_weight_object(leaf):
-      leaf = materialize(leaf)
-    return np.asarray(jax.device_get(leaf))
-
-  def materialise(entries):
-    return {name: np.ascontiguousarray(_cast(m.to_hf(host(_get_path(params, m.path), i)), dtype))
-            for name, m, i in entries}
-
-  for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
-    stale.unlink(missing_ok=True)
-  if len(plan) == 1:
-    save_file(materialise(plan[0]), path / "model.safetensors")
-  else:
-    weight_map, total, n = {}, 0, len(plan)
-    for k, entries in enumerate(plan, 1):
-      name = f"model-{k:05d}-of-{n:05d}.safetensors"
-      shard = materialise(entries)
-      save_file(shard, path / name)
-      weight_map.update({t: name for t in shard})
-      total += sum(t.nbytes for t in shard.values())
-      del shard
-    _write_json(path / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
-  hf_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-              np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(dtype, "float32")
-  _write_json(path / "config.json", reward_config_to_hf(config, pad, hf_dtype))
+  write_tensors(path, params, _reward_maps(config), reward_param_specs(config),
+                config.num_layers, dtype=dtype, max_shard_size=max_shard_size,
+                config_json=lambda hf_dtype: reward_config_to_hf(config, pad, hf_dtype))
 
 
 def load_reward_model_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
