@@ -53,10 +53,6 @@ def lookup(w: Any, tokens: jax.Array, dtype: Any) -> jax.Array:
   return jnp.take(w, tokens, axis=0).astype(dtype)
 
 
-def dtype_of(w: Any) -> Any:
-  return w.dtype
-
-
 def base_of(w: Any) -> Any:
   """The weight underneath any adapter (e.g. the tied LM head reads the base embedding)."""
   while is_weight_object(w) and hasattr(w, "base"):

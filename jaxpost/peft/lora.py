@@ -262,9 +262,12 @@ def merge_lora(params: dict, adapters: dict, lora: LoraConfig) -> dict:
   """The base parameters with every adapted weight replaced by its effective weight
   (W + s A B, DoRA-rescaled), as plain arrays in the base weight's dtype. A quantised base
   comes back dequantised."""
-  attached = attach_lora(params, adapters, lora)
-  merged = materialize_tree(attached)
-  return merged
+  return materialize_tree(attach_lora(params, adapters, lora))
+
+
+def dropout_rng(rng: jax.Array | None) -> jax.Array | None:
+  """The adapters' dropout key of a step (None when evaluating: no dropout)."""
+  return None if rng is None else jax.random.fold_in(rng, 0x10AA)
 
 
 def lora_loss(loss_fn: Callable, lora: LoraConfig) -> Callable:
@@ -274,7 +277,6 @@ def lora_loss(loss_fn: Callable, lora: LoraConfig) -> Callable:
   given (training) and off for `rng=None` (evaluation)."""
 
   def adapted(adapters, batch, rng, *, base, **frozen):
-    drop = None if rng is None else jax.random.fold_in(rng, 0x10AA)
-    return loss_fn(attach_lora(base, adapters, lora, drop), batch, rng, **frozen)
+    return loss_fn(attach_lora(base, adapters, lora, dropout_rng(rng)), batch, rng, **frozen)
 
   return adapted

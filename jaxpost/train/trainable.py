@@ -22,6 +22,7 @@ from jaxpost.config import RunConfig
 from jaxpost.models import ModelConfig, save_hf
 from jaxpost.peft import (LoraConfig, attach_lora, init_lora, load_peft_adapter, lora_specs,
                           merge_lora, quantize_params, save_peft_adapter)
+from jaxpost.peft.lora import dropout_rng
 from jaxpost.peft.prompt import (PromptConfig, attach_prompt, init_prompt, prompt_specs,
                                  save_prompt)
 from jaxpost.peft.quant import is_quantized
@@ -98,12 +99,12 @@ def make_trainable(cfg: RunConfig, config: ModelConfig, params: dict, p_shard, m
 
     def wrap(loss_fn):
       def adapted(adapters, batch, rng, *, base, ref_adapters=None, **rest):
-        drop = None if rng is None else jax.random.fold_in(rng, 0x10AA)
         extra = {}
         if needs_reference:
           extra["ref_params"] = base if ref_adapters is None else attach_lora(base, ref_adapters,
                                                                               lora)
-        return loss_fn(attach_lora(base, adapters, lora, drop), batch, rng, **extra, **rest)
+        return loss_fn(attach_lora(base, adapters, lora, dropout_rng(rng)), batch, rng, **extra,
+                       **rest)
       return adapted
 
     def export(tr, fr, run_dir, model_dir):
