@@ -21,14 +21,8 @@ def target_logprobs(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
   is meaningless (padding, segment ends) get a value too: mask them in the loss.
   """
   B, T, D = hidden_BxTxD.shape
-  chunk = min(chunk, T)
-  pad = -T % chunk
-  if pad:
-    hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-  n = (T + pad) // chunk
-  h_NxBxCxD = hidden_BxTxD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  t_NxBxC = targets_BxT.reshape(B, n, chunk).swapaxes(0, 1)
+  h_NxBxCxD, t_NxBxC = chunked(chunk, hidden_BxTxD, targets_BxT)
+  n, chunk = t_NxBxC.shape[0], t_NxBxC.shape[2]
 
   @jax.checkpoint
   def one(h_BxCxD, t_BxC):
@@ -42,6 +36,22 @@ def target_logprobs(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
   else:
     out_NxBxC = jax.lax.map(lambda args: one(*args), (h_NxBxCxD, t_NxBxC))
   return out_NxBxC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def chunked(chunk: int, *arrays_BxT):
+  """Each [B, T, ...] array as [N, B, C, ...] chunks of C = min(chunk, T) positions (the last
+  chunk zero-padded)."""
+  B, T = arrays_BxT[0].shape[:2]
+  chunk = min(chunk, T)
+  pad = -T % chunk
+  n = (T + pad) // chunk
+
+  def split(a):
+    if pad:
+      a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+    return a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+  return tuple(split(a) for a in arrays_BxT)
 
 
 def sequence_logprobs(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -121,8 +121,10 @@ def attend(config: ModelConfig, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS):
   if config.attn_logit_softcap:
     cap = config.attn_logit_softcap
     logits = jnp.tanh(logits / cap) * cap
-  logits_BxKxGxTxS = logits.reshape(B, K, G, T, S)
-  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None, :, :], logits_BxKxGxTxS, _MASKED)
-  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxDh.dtype)
-  out_BxKxQxDh = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S), v_BxKxSxDh)
+  # Mask and softmax stay in the [B, K, G*T, S] layout of both matmuls, so the backward pass
+  # keeps one copy of the probabilities (a 5-D softmax would save a second, reshaped one).
+  mask_Bx1xQxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+  logits = jnp.where(mask_Bx1xQxS, logits, _MASKED)
+  probs_BxKxQxS = jax.nn.softmax(logits, axis=-1).astype(v_BxKxSxDh.dtype)
+  out_BxKxQxDh = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, v_BxKxSxDh)
   return out_BxKxQxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)

@@ -16,10 +16,20 @@ stacked arrays per layer like any other parameter.
 
 In an einsum `eqn` such as "btd,dhk->bthk" the weight's subscripts are its input axes (those
 shared with x, here d) followed by its output axes (h, k), which end the result.
+
+Plain-array projections run through `dense`, an einsum with its own backward pass: both
+gradients are written as 2-D matmuls in the orientation that makes XLA transpose the narrow
+operand (x, width D) for the weight gradient rather than the wide output gradient (width F).
+Left to its autodiff rule, XLA:CPU copied every [B*T, F] MLP gradient into transposed layout
+inside the elementwise fusion that produced it: 16% of a full SFT step (benchmarks/README.md).
+The price: `dense` is a `jax.custom_vjp`, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`)
+through the model is unavailable; reverse-over-reverse (Hessian-vector products via two
+`jax.grad`s) works.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -34,7 +44,43 @@ def project(eqn: str, x: jax.Array, w: Any, dtype: Any, **einsum_kwargs) -> jax.
   """`einsum(eqn, x, w)` with w in `dtype`, or the weight object's own projection."""
   if is_weight_object(w):
     return w.project(eqn, x, dtype, **einsum_kwargs)
-  return jnp.einsum(eqn, x, w.astype(dtype), **einsum_kwargs)
+  if set(einsum_kwargs) - {"preferred_element_type"}:
+    return jnp.einsum(eqn, x, w.astype(dtype), **einsum_kwargs)
+  return dense(eqn, x, w.astype(dtype), einsum_kwargs.get("preferred_element_type"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def dense(eqn: str, x: jax.Array, w: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+  """`einsum(eqn, x, w)` for a projection `eqn` (see `split_eqn`), with a matmul-shaped VJP."""
+  return jnp.einsum(eqn, x, w, preferred_element_type=preferred_element_type)
+
+
+def _dense_fwd(eqn, x, w, preferred_element_type):
+  return dense(eqn, x, w, preferred_element_type), (x, w)
+
+
+def _dense_bwd(eqn, preferred_element_type, residuals, g):
+  x, w = residuals
+  xs, ins, outs, kept, out = split_eqn(eqn)
+  # As 2-D matmuls: x2 [M, K] @ w2 [K, N] = g2 [M, N], M = kept axes, K = ins, N = outs.
+  x_kept_ins = x if xs == kept + ins else jnp.einsum(f"{xs}->{kept}{ins}", x)
+  g_kept_outs = g if out == kept + outs else jnp.einsum(f"{out}->{kept}{outs}", g)
+  K = 1
+  for c in ins:
+    K *= x.shape[xs.index(c)]
+  x2 = x_kept_ins.reshape(-1, K)
+  g2 = g_kept_outs.reshape(x2.shape[0], -1)
+  w2 = w.reshape(K, -1)
+  acc = preferred_element_type
+  dx2 = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+  dw2 = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  dx = dx2.reshape(x_kept_ins.shape).astype(x.dtype)
+  if xs != kept + ins:
+    dx = jnp.einsum(f"{kept}{ins}->{xs}", dx)
+  return dx, dw2.reshape(w.shape).astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def materialize(w: Any, dtype: Any = None) -> jax.Array:
