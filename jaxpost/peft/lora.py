@@ -209,8 +209,9 @@ class LoraWeight:
     xs, ins, outs, kept, out = split_eqn(eqn)
     y = project(eqn, x, self.base, dtype, **kw)
     xd = self._drop(x)
-    xa = jnp.einsum(f"{xs},{ins}r->{kept}r", xd, self.a.astype(dtype))
-    low = jnp.einsum(f"{kept}r,r{outs}->{out}", xa, self.b.astype(dtype), **kw)
+    # plain-array projections (`weights.dense`): gradients as matmuls in the cheap orientation
+    xa = project(f"{xs},{ins}r->{kept}r", xd, self.a, dtype)
+    low = project(f"{kept}r,r{outs}->{out}", xa, self.b, dtype, **kw)
     low = low * jnp.asarray(self.scale, low.dtype)
     if self.m is None:
       return y + low

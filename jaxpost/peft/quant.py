@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.models.weights import project
+
 Kind = Literal["nf4", "int8"]
 
 # bitsandbytes' NF4 code book (functional.py, get_4bit_type("nf4")).
@@ -266,7 +268,7 @@ def qeinsum(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight, *,
 
   @jax.checkpoint
   def apply(x, q):
-    return jnp.einsum(subscripts, x, dequantize(q, dtype), **einsum_kwargs)
+    return project(subscripts, x, dequantize(q, dtype), dtype, **einsum_kwargs)
 
   return apply(x, w)
 
