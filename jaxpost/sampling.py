@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxpost.models import ModelConfig, forward, lm_head, start_cache
+from jaxpost.models import ModelConfig, forward, lm_head, start_cache, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +156,10 @@ def _generate(config, sampler, max_new, cache_dtype, compute_dtype, params, toke
   def cond(s):
     return (s["step"] < max_new) & ~jnp.all(s["done"])
 
+  layers = unstack_layers(params)
+
   def body(s):
-    step_out = forward(config, params, s["token"][:, None], cache=s["cache"],
+    step_out = forward(config, layers, s["token"][:, None], cache=s["cache"],
                        compute_dtype=compute_dtype, compute_logits=False)
     logits_BxV = lm_head(config, params, step_out.final_hidden)[:, 0]
     token_B, logp_B = pick(logits_BxV, s["step"])

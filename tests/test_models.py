@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost.models import (CheckpointError, ConfigError, ModelConfig, forward, init_params,
-                            load_hf, logical_axes, param_shapes, save_hf)
+from jaxpost.models import (CheckpointError, ConfigError, ModelConfig, forward, init_cache,
+                            init_params, load_hf, logical_axes, param_shapes, save_hf,
+                            unstack_layers)
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 GOLDEN = Path(__file__).parent / "golden" / "llama"
@@ -96,6 +97,24 @@ def test_hidden_states_and_remat(tiny, fwd):
   g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_unstacked_layers_give_the_same_outputs(tiny, fwd):
+  """`unstack_layers` (a tuple of per-layer trees, run unrolled) equals the scanned stack, for
+  mixed sliding/full layers, hidden states and a cache."""
+  config, params = tiny
+  flat = unstack_layers(params)
+  assert isinstance(flat["layers"], tuple) and len(flat["layers"]) == config.num_layers
+  tokens = jnp.arange(12)[None]
+  a = fwd(config, params, tokens, return_hidden_states=True)
+  b = fwd(config, flat, tokens, return_hidden_states=True)
+  np.testing.assert_allclose(a.logits, b.logits, atol=1e-6)
+  np.testing.assert_allclose(a.hidden_states, b.hidden_states, atol=1e-6)
+  cache = init_cache(config, 1, 16)
+  a = jax.jit(forward, static_argnums=0)(config, params, tokens, cache=cache)
+  b = jax.jit(forward, static_argnums=0)(config, flat, tokens, cache=cache)
+  np.testing.assert_allclose(a.logits, b.logits, atol=1e-6)
+  np.testing.assert_allclose(a.cache.k, b.cache.k, atol=1e-6)
 
 
 def test_bf16_compute_is_close_to_f32(tiny, fwd):

@@ -13,12 +13,12 @@ from jaxpost.models.hf_io import CheckpointError, load_hf, read_config, save_hf
 from jaxpost.models.params import (ParamSpec, init_params, logical_axes, param_shapes,
                                    param_specs)
 from jaxpost.models.transformer import (Output, forward, lm_head, lm_head_weight, rms_norm,
-                                        start_cache)
+                                        start_cache, unstack_layers)
 
 __all__ = [
     "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Output", "ParamSpec", "Prefix",
     "RopeConfig", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "forward",
     "init_cache", "init_params", "lm_head", "lm_head_weight", "load_hf", "logical_axes",
     "param_shapes", "param_specs", "prefix_cache", "read_config", "rms_norm", "save_hf",
-    "start_cache",
+    "start_cache", "unstack_layers",
 ]
