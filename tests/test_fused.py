@@ -140,3 +140,32 @@ def test_fused_gradient_runs_three_head_matmuls_instead_of_four():
   counts = {f: _head_matmuls(g, params, vocab=config.vocab_size) for f, g in grads.items()}
   assert counts == {False: 4, True: 3}, counts
   assert math.isfinite(float(grads[True](params)["embed"].sum()))
+
+
+def test_frozen_weights_get_no_gradient_matmuls_in_the_traced_program():
+  """Under LoRA the base is frozen: the head runs its forward and dh only (no dW), and each
+  projection of the base its forward and dx only."""
+  config = _config(True, None)
+  params = init_params(config, jax.random.key(0))
+  lora = LoraConfig(rank=2, alpha=4.0, targets=("gate",))
+  adapters = init_lora(config, lora, jax.random.key(1))
+  batch = _batch()
+  grad = jax.grad(lambda a: sft_loss(attach_lora(params, a, lora), batch, None,
+                                     config=config)[0])
+  assert _head_matmuls(grad, adapters, vocab=config.vocab_size) == 2
+  # the frozen MLP's [hidden, intermediate] weights: forward and dx, no [32, 64] dW
+  jaxpr = jax.make_jaxpr(grad)(adapters)
+  shapes = []
+
+  def walk(j):
+    for eqn in j.eqns:
+      if eqn.primitive.name == "dot_general":
+        shapes.append(tuple(eqn.outvars[0].aval.shape))
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jaxpr.jaxpr)
+  D, F = config.hidden_size, config.intermediate_size
+  assert (D, F) not in shapes and (F, D) not in shapes, shapes

@@ -71,7 +71,11 @@ def _nll(chunk, tied, softcap, hidden_BxTxD, head, targets_BxT, weights_BxT):
   return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
 
 
-def _nll_fwd(chunk, tied, softcap, hidden_BxTxD, head, targets_BxT, weights_BxT):
+def _nll_fwd(chunk, tied, softcap, hidden, head, targets, weights):
+  # Arguments arrive as CustomVJPPrimal (symbolic_zeros): a frozen head (LoRA, prompt tuning)
+  # gets no dW accumulation at all, a frozen input no dh.
+  want_dh, want_dhead = hidden.perturbed, head.perturbed
+  hidden_BxTxD, head = hidden.value, head.value
   B, T, D = hidden_BxTxD.shape
 
   def body(carry, xs):
@@ -85,26 +89,34 @@ def _nll_fwd(chunk, tied, softcap, hidden_BxTxD, head, targets_BxT, weights_BxT)
     dlogits = (jnp.exp(logits - lse) - onehot) * w_BxC[..., None]
     if softcap:
       dlogits = dlogits * (1.0 - s * s)
-    dh = jnp.einsum("bcv,vd->bcd" if tied else "bcv,dv->bcd", dlogits, head,
-                    preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
-    # [D, V] (the narrow operand h is the one transposed), also for a tied [V, D] head.
-    dhead = dhead + jnp.einsum("bcd,bcv->dv", h_BxCxD, dlogits,
-                               preferred_element_type=jnp.float32)
+    dh = None
+    if want_dh:
+      dh = jnp.einsum("bcv,vd->bcd" if tied else "bcv,dv->bcd", dlogits, head,
+                      preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
+    if want_dhead:  # [D, V] (the narrow operand h is the one transposed), also when tied
+      dhead = dhead + jnp.einsum("bcd,bcv->dv", h_BxCxD, dlogits,
+                                 preferred_element_type=jnp.float32)
     return (total, dhead), dh
 
   V = head.shape[0] if tied else head.shape[1]
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((D, V), jnp.float32))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((D, V), jnp.float32) if want_dhead else None)
   (total, dhead_DxV), dh = jax.lax.scan(
-      body, init, chunked(chunk, hidden_BxTxD, targets_BxT, weights_BxT))
-  dh_BxTxD = dh.swapaxes(0, 1).reshape(B, -1, D)[:, :T]
-  return total, (dh_BxTxD, dhead_DxV)
+      body, init, chunked(chunk, hidden_BxTxD, targets.value, weights.value))
+  dh_BxTxD = dh.swapaxes(0, 1).reshape(B, -1, D)[:, :T] if want_dh else None
+  head_like = jnp.zeros((0,), head.dtype)
+  return total, (dh_BxTxD, dhead_DxV, head_like)
 
 
 def _nll_bwd(chunk, tied, softcap, residuals, g):
   del chunk, softcap
-  dh_BxTxD, dhead_DxV = residuals
-  dhead = (dhead_DxV.T if tied else dhead_DxV) * g
-  return (dh_BxTxD * g.astype(dh_BxTxD.dtype)), dhead.astype(dh_BxTxD.dtype), None, None
+  dh_BxTxD, dhead_DxV, head_like = residuals
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  dh = None if dh_BxTxD is None else dh_BxTxD * g.astype(dh_BxTxD.dtype)
+  dhead = None
+  if dhead_DxV is not None:
+    dhead = ((dhead_DxV.T if tied else dhead_DxV) * g).astype(head_like.dtype)
+  return dh, dhead, None, None
 
 
-_nll.defvjp(_nll_fwd, _nll_bwd)
+_nll.defvjp(_nll_fwd, _nll_bwd, symbolic_zeros=True)

@@ -30,6 +30,7 @@ through the model is unavailable; reverse-over-reverse (Hessian-vector products 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -56,31 +57,43 @@ def dense(eqn: str, x: jax.Array, w: jax.Array, preferred_element_type: Any = No
 
 
 def _dense_fwd(eqn, x, w, preferred_element_type):
-  return dense(eqn, x, w, preferred_element_type), (x, w)
+  # x and w arrive as CustomVJPPrimal (symbolic_zeros): keep only what the gradients that are
+  # needed read (dW reads x, dx reads w), so a frozen weight costs neither a residual nor a
+  # dW matmul, not even in the traced program.
+  y = dense(eqn, x.value, w.value, preferred_element_type)
+  dx_like = jnp.zeros((0,), x.value.dtype) if x.perturbed else None  # dtypes of the gradients
+  dw_like = jnp.zeros((0,), w.value.dtype) if w.perturbed else None
+  return y, (x.value if w.perturbed else None, w.value if x.perturbed else None, dx_like, dw_like)
 
 
 def _dense_bwd(eqn, preferred_element_type, residuals, g):
-  x, w = residuals
+  x, w, dx_like, dw_like = residuals
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None
   xs, ins, outs, kept, out = split_eqn(eqn)
   # As 2-D matmuls: x2 [M, K] @ w2 [K, N] = g2 [M, N], M = kept axes, K = ins, N = outs.
-  x_kept_ins = x if xs == kept + ins else jnp.einsum(f"{xs}->{kept}{ins}", x)
   g_kept_outs = g if out == kept + outs else jnp.einsum(f"{out}->{kept}{outs}", g)
-  K = 1
-  for c in ins:
-    K *= x.shape[xs.index(c)]
-  x2 = x_kept_ins.reshape(-1, K)
-  g2 = g_kept_outs.reshape(x2.shape[0], -1)
-  w2 = w.reshape(K, -1)
+  M = math.prod(g_kept_outs.shape[:len(kept)])
+  g2 = g_kept_outs.reshape(M, -1)
   acc = preferred_element_type
-  dx2 = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-  dw2 = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  dx = dx2.reshape(x_kept_ins.shape).astype(x.dtype)
-  if xs != kept + ins:
-    dx = jnp.einsum(f"{kept}{ins}->{xs}", dx)
-  return dx, dw2.reshape(w.shape).astype(w.dtype)
+  dx = dw = None
+  if w is not None:  # x is differentiated
+    w2 = w.reshape(-1, g2.shape[1])
+    dx2 = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    kept_ins_shape = g_kept_outs.shape[:len(kept)] + w.shape[:len(ins)]
+    dx = dx2.reshape(kept_ins_shape).astype(dx_like.dtype)
+    if xs != kept + ins:
+      dx = jnp.einsum(f"{kept}{ins}->{xs}", dx)
+  if x is not None:  # w is differentiated
+    x_kept_ins = x if xs == kept + ins else jnp.einsum(f"{xs}->{kept}{ins}", x)
+    x2 = x_kept_ins.reshape(M, -1)
+    dw2 = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    dw = dw2.reshape(x_kept_ins.shape[len(kept):] + g_kept_outs.shape[len(kept):])
+    dw = dw.astype(dw_like.dtype)
+  return dx, dw
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
 
 
 def materialize(w: Any, dtype: Any = None) -> jax.Array:
