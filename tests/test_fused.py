@@ -113,21 +113,26 @@ def test_token_nll_with_a_lora_head_takes_the_plain_route_and_agrees():
   assert _max_err(grad(adapters, True), grad(adapters, False)) < 1e-7
 
 
-def _head_matmuls(fn, *args, vocab: int) -> int:
-  """How many dot_generals in `fn`'s program have the vocabulary as a dimension."""
-  def count(jaxpr) -> int:
-    n = 0
+def _dots(fn, *args) -> list[list[tuple]]:
+  """The shapes (operands, then result) of every dot_general in `fn`'s traced program."""
+  found = []
+
+  def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "dot_general":
-        shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
-        n += any(vocab in s for s in shapes)
+        found.append([tuple(v.aval.shape) for v in (*eqn.invars, *eqn.outvars)])
       for value in eqn.params.values():
         for sub in (value if isinstance(value, (tuple, list)) else (value,)):
           inner = getattr(sub, "jaxpr", sub)
           if hasattr(inner, "eqns"):
-            n += count(inner)
-    return n
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+            walk(inner)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def _head_matmuls(fn, *args, vocab: int) -> int:
+  """How many dot_generals in `fn`'s program have the vocabulary as a dimension."""
+  return sum(any(vocab in shape for shape in shapes) for shapes in _dots(fn, *args))
 
 
 def test_fused_gradient_runs_three_head_matmuls_instead_of_four():
@@ -154,18 +159,6 @@ def test_frozen_weights_get_no_gradient_matmuls_in_the_traced_program():
                                      config=config)[0])
   assert _head_matmuls(grad, adapters, vocab=config.vocab_size) == 2
   # the frozen MLP's [hidden, intermediate] weights: forward and dx, no [32, 64] dW
-  jaxpr = jax.make_jaxpr(grad)(adapters)
-  shapes = []
-
-  def walk(j):
-    for eqn in j.eqns:
-      if eqn.primitive.name == "dot_general":
-        shapes.append(tuple(eqn.outvars[0].aval.shape))
-      for value in eqn.params.values():
-        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jaxpr.jaxpr)
+  results = [shapes[-1] for shapes in _dots(grad, adapters)]
   D, F = config.hidden_size, config.intermediate_size
-  assert (D, F) not in shapes and (F, D) not in shapes, shapes
+  assert (D, F) not in results and (F, D) not in results, results
