@@ -15,7 +15,7 @@ cross-entropy does, the differentiated forward computes per chunk of positions
 
 and the backward only scales dh and dW: three matmuls instead of four, one softmax instead of
 two, still never the full [B, T, V] logits. Undifferentiated calls (evaluation) run the loss
-alone. Costs: dh ([B, T, D]) and dW (the head's size, float32) live from the loss to the end
+alone, and a frozen head (LoRA's base) gets no dW accumulation. Costs: dh ([B, T, D]) and dW (the head's size, float32) live from the loss to the end
 of the backward pass, and `weights` get no gradient. Gemma 2's final soft-cap is handled;
 a head that is a weight object (a LoRA adapter on `lm_head`) takes the plain route.
 """
