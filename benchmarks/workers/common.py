@@ -170,6 +170,16 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> dict[str, An
   }
 
 
+def generation_result(framework: str, timing: dict[str, Any], prompt_ids: np.ndarray,
+                      lengths: list[int], new_tokens: int) -> dict[str, Any]:
+  """A generation workload's result, once every row is checked to have `new_tokens` tokens
+  (`lengths`: the last timed call's count per row)."""
+  if any(n != new_tokens for n in lengths):
+    raise RuntimeError(f"{framework} generated {lengths} tokens per row, expected {new_tokens} "
+                       f"each")
+  return dict(timing, data_digest=digest(prompt_ids), generated_lengths=sorted(set(lengths)))
+
+
 def emit(result: dict[str, Any]) -> None:
   """Prints the result line (adds the peak RSS, measured now, after the workload)."""
   result = dict(result)

@@ -230,10 +230,7 @@ def bench_generate(spec: dict, mesh) -> dict:
     return out
 
   timing = common.time_steps(one, spec["warmup"], spec["steps"])
-  if any(n != g["new_tokens"] for n in lengths[-1]):
-    raise RuntimeError(f"Tunix generated {lengths[-1]} tokens per row, expected "
-                       f"{g['new_tokens']} each")
-  return dict(timing, data_digest=common.digest(ids), generated_lengths=sorted(set(lengths[-1])))
+  return common.generation_result("Tunix", timing, ids, lengths[-1], g["new_tokens"])
 
 
 def main() -> None:
