@@ -56,16 +56,18 @@ def _logits(tied, softcap, h_BxCxD, head):
 
 
 def _chunk_nll(tied, softcap, head, h_BxCxD, t_BxC, w_BxC):
-  logits, _ = _logits(tied, softcap, h_BxCxD, head)
-  lse = jax.nn.logsumexp(logits, axis=-1)
+  """One chunk's weighted NLL, with the logits, log-normaliser [B, C, 1] and soft-cap tanh
+  the gradient reuses."""
+  logits, s = _logits(tied, softcap, h_BxCxD, head)
+  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
-  return jnp.sum(w_BxC * (lse - picked))
+  return jnp.sum(w_BxC * (lse[..., 0] - picked)), (logits, lse, s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _nll(chunk, tied, softcap, hidden_BxTxD, head, targets_BxT, weights_BxT):
   def body(total, xs):
-    return total + _chunk_nll(tied, softcap, head, *xs), None
+    return total + _chunk_nll(tied, softcap, head, *xs)[0], None
 
   xs = chunked(chunk, hidden_BxTxD, targets_BxT, weights_BxT)
   return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
@@ -81,10 +83,8 @@ def _nll_fwd(chunk, tied, softcap, hidden, head, targets, weights):
   def body(carry, xs):
     total, dhead = carry
     h_BxCxD, t_BxC, w_BxC = xs
-    logits, s = _logits(tied, softcap, h_BxCxD, head)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
-    total = total + jnp.sum(w_BxC * (lse[..., 0] - picked))
+    nll, (logits, lse, s) = _chunk_nll(tied, softcap, head, h_BxCxD, t_BxC, w_BxC)
+    total = total + nll
     onehot = jnp.arange(logits.shape[-1], dtype=t_BxC.dtype)[None, None, :] == t_BxC[..., None]
     dlogits = (jnp.exp(logits - lse) - onehot) * w_BxC[..., None]
     if softcap:
