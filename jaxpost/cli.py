@@ -105,14 +105,14 @@ def _cmd_train(args) -> int:
   kept = [o for o in args.overrides if not o.startswith("train.steps=")]
   print(f"continue: jaxpost train {' '.join([args.config, *kept])} train.steps=<more> "
         f"(resumes from the last checkpoint in {run_dir})")
-  key = "eval/rewards/accuracies" if cfg.algorithm in ("dpo", "kto") else "eval/accuracy"
+  key = summary["headline"]
   if "eval_before" in summary and key in final:
     print(f"held-out {key}: before={summary['eval_before'].get(key, float('nan')):.3f} "
           f"after={final[key]:.3f}")
   if "exact_match_after" in summary:
     before = summary.get("exact_match_before", float("nan"))
-    label = "quickstart" if cfg.algorithm == "sft" else cfg.algorithm
-    print(f"{label}: exact-match before={before:.3f} after={summary['exact_match_after']:.3f}")
+    print(f"{Path(args.config).stem}: exact-match before={before:.3f} "
+          f"after={summary['exact_match_after']:.3f}")
   return 0
 
 

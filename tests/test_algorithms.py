@@ -40,15 +40,15 @@ def run(tmp_path, name, algorithm="dpo", steps=3, overrides=()):
 
 CASES = {
     "dpo": ("dpo", []),
-    "ipo": ("dpo", ["preference.loss_type=ipo"]),
-    "simpo": ("dpo", ["preference.loss_type=simpo", "preference.gamma=0.5"]),
-    "orpo": ("dpo", ["preference.loss_type=orpo"]),
-    "rpo-robust": ("dpo", ["preference.loss_type=robust", "preference.label_smoothing=0.1",
-                           "preference.sft_weight=1.0"]),
+    "ipo": ("dpo", ["dpo.loss_type=ipo"]),
+    "simpo": ("dpo", ["dpo.loss_type=simpo", "dpo.gamma=0.5"]),
+    "orpo": ("dpo", ["dpo.loss_type=orpo"]),
+    "rpo-robust": ("dpo", ["dpo.loss_type=robust", "dpo.label_smoothing=0.1",
+                           "dpo.sft_weight=1.0"]),
     "kto": ("kto", []),
     "reward": ("reward", []),
-    "tr-dpo-lora": ("dpo", ["lora.rank=4", "preference.sync_every=2",
-                            "preference.sync_alpha=0.5"]),
+    "tr-dpo-lora": ("dpo", ["lora.rank=4", "reference.sync_every=2",
+                            "reference.sync_alpha=0.5"]),
     "sft-dora-qlora": ("sft", ["lora.rank=4", "lora.dora=true", "lora.quantize=nf4",
                                "lora.dropout=0.1"]),
     "sft-prefix": ("sft", ["prompt.kind=prefix", "prompt.num_tokens=4"]),
@@ -84,7 +84,7 @@ def test_every_algorithm_trains_evaluates_and_exports(tmp_path, name):
 
 def test_precomputed_reference_gives_the_in_step_losses(tmp_path):
   _, in_step = run(tmp_path, "in_step", "dpo", steps=3)
-  _, pre = run(tmp_path, "pre", "dpo", steps=3, overrides=["preference.reference=precomputed"])
+  _, pre = run(tmp_path, "pre", "dpo", steps=3, overrides=["reference.mode=precomputed"])
   a = np.array([r["train/loss"] for r in in_step])
   b = np.array([r["train/loss"] for r in pre])
   np.testing.assert_allclose(a, b, atol=2e-5)
@@ -93,12 +93,30 @@ def test_precomputed_reference_gives_the_in_step_losses(tmp_path):
 
 def test_tr_dpo_sync_mixes_the_reference_towards_the_policy():
   import jax.numpy as jnp
-  from jaxpost.train.trainable import Trainable, sync_reference
-  tr = Trainable(None, None, {}, {}, "full", None, None, None, "")
+  from jaxpost.algorithms import Frozen, reference_sync
   policy = {"w": jnp.full((3,), 2.0)}
-  frozen = {"ref": {"w": jnp.zeros((3,))}}
-  mixed = sync_reference(tr, policy, frozen, 0.25)
-  np.testing.assert_allclose(mixed["ref"]["w"], 0.5)  # 0.25 * 2 + 0.75 * 0
-  assert float(frozen["ref"]["w"][0]) == 0.0  # the old reference is not modified
-  np.testing.assert_allclose(sync_reference(tr, policy, frozen, 1.0)["ref"]["w"], 2.0)
+  frozen = Frozen(reference={"w": jnp.zeros((3,))})
+  sync = reference_sync(every=2, alpha=0.25)
+  assert sync(1, policy, frozen) is frozen  # not a sync step
+  mixed = sync(2, policy, frozen)
+  np.testing.assert_allclose(mixed.reference["w"], 0.5)  # 0.25 * 2 + 0.75 * 0
+  assert float(frozen.reference["w"][0]) == 0.0  # the old reference is not modified
+  np.testing.assert_allclose(reference_sync(1, 1.0)(1, policy, frozen).reference["w"], 2.0)
 
+
+def test_an_old_preference_section_still_loads_into_the_new_sections(tmp_path, capsys):
+  recipe = tmp_path / "old.yaml"
+  recipe.write_text(RECIPE.format(algorithm="dpo", run_dir=tmp_path / "r", steps=3)
+                    + "preference: {loss_type: ipo, beta: 0.3, reference: precomputed,"
+                    " max_prompt_length: 7, margin: 1.5}\n")
+  cfg = load_config(recipe, ["preference.sync_alpha=0.5"])
+  assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.kto.beta) == ("ipo", 0.3, 0.3)
+  assert (cfg.reference.mode, cfg.reference.sync_alpha) == ("precomputed", 0.5)
+  assert (cfg.data.max_prompt_length, cfg.reward.margin) == (7, 1.5)
+  err = capsys.readouterr().err
+  assert "preference.loss_type -> dpo.loss_type" in err and "preference.beta -> dpo.beta / kto.beta" in err
+  from jaxpost.config import ConfigError
+  with pytest.raises(ConfigError, match="'preference.beta' and 'dpo.beta'.*keep only 'dpo.beta'"):
+    load_config(recipe, ["dpo.beta=0.2"])
+  with pytest.raises(ConfigError, match="unknown key 'preference.betta'"):
+    load_config(recipe, ["preference.betta=0.2"])

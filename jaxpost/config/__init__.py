@@ -1,6 +1,6 @@
 """Typed run configuration: a YAML recipe -> a validated tree of frozen dataclasses.
 
-    cfg = load_config("recipes/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
     cfg.optim.lr, cfg.train.batch_size, cfg.mesh.batch_shards
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
@@ -11,14 +11,15 @@ Sections and their checks live in `sections.py`; reading, overrides and type che
 from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_dict,
                                    load_config, save_config, suggest_key, valid_keys)
 from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
-                                     DistributedSection, LoraSection, MeshSection, ModelSection,
-                                     OptimSection, PreferenceSection, PromptSection, RunConfig,
-                                     Section, TaskSection, TrainSection)
+                                     DistributedSection, DPOSection, KTOSection, LoraSection,
+                                     MeshSection, ModelSection, OptimSection, PromptSection,
+                                     ReferenceSection, RewardSection, RunConfig, Section,
+                                     TaskSection, TrainSection)
 
 __all__ = [
-    "CheckpointSection", "ConfigError", "DataSection", "DistributedSection", "LoraSection",
-    "MeshSection",
-    "ModelSection", "OptimSection", "PreferenceSection", "PromptSection", "RunConfig", "Section", "TaskSection", "TrainSection", "apply_overrides",
-    "config_from_dict", "config_to_dict", "load_config", "save_config", "suggest_key",
-    "valid_keys",
+    "CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DistributedSection",
+    "KTOSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection", "PromptSection",
+    "ReferenceSection", "RewardSection", "RunConfig", "Section", "TaskSection", "TrainSection",
+    "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "save_config",
+    "suggest_key", "valid_keys",
 ]

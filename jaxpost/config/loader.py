@@ -1,6 +1,6 @@
 """YAML recipe + `key.path=value` overrides -> a validated `RunConfig`, and back to YAML.
 
-    cfg = load_config("recipes/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=100", "optim.lr=3e-4"])
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")   # loads back to an equal config
 
 The tree is walked generically: each dataclass's fields and type hints say which keys exist
@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -269,6 +270,53 @@ def suggest_key(key: str, keys: Sequence[str] | None = None) -> str | None:
   return close[0] if close else None
 
 
+# -- the sections of older recipes ----------------------------------------------------------
+
+# jaxpost <= 0.1 had one `preference:` section for every preference algorithm; each algorithm
+# now owns its section. Old recipes (and the config.yaml of old runs) still load: each old key
+# moves to its new place, with one warning that names the new keys.
+_PREFERENCE_KEYS = {
+    "loss_type": ("dpo.loss_type",), "beta": ("dpo.beta", "kto.beta"),
+    "label_smoothing": ("dpo.label_smoothing",), "gamma": ("dpo.gamma",),
+    "length_normalize": ("dpo.length_normalize",), "sft_weight": ("dpo.sft_weight",),
+    "reference": ("reference.mode",), "sync_every": ("reference.sync_every",),
+    "sync_alpha": ("reference.sync_alpha",), "desirable_weight": ("kto.desirable_weight",),
+    "undesirable_weight": ("kto.undesirable_weight",), "margin": ("reward.margin",),
+    "center_coefficient": ("reward.center_coefficient",),
+    "max_prompt_length": ("data.max_prompt_length",),
+}
+
+
+def _migrate_preference(raw: dict, source: str, sources: dict[str, str]) -> dict:
+  """`raw` with an old `preference:` section's keys moved to their new sections."""
+  old = raw.get("preference")
+  if old is None or not isinstance(old, dict):
+    return raw
+  raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items() if k != "preference"}
+  moved = []
+  for name, value in old.items():
+    if name not in _PREFERENCE_KEYS:
+      where = sources.get(f"preference.{name}", source)
+      raise ConfigError(f"unknown key 'preference.{name}' in {where}; the preference section "
+                        "was split into dpo, kto, reward and reference sections")
+    for new in _PREFERENCE_KEYS[name]:
+      section, leaf = new.split(".")
+      node = raw.setdefault(section, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"'{section}' in {source} must be a mapping, got {_shown(node)}")
+      if leaf in node and node[leaf] != value:
+        raise ConfigError(f"both 'preference.{name}' and '{new}' are set in {source}; "
+                          f"'preference.{name}' is the old name of '{new}': keep only '{new}'")
+      node[leaf] = value
+      if (origin := sources.get(f"preference.{name}")) is not None:
+        sources[new] = origin
+    moved.append(f"preference.{name} -> {' / '.join(_PREFERENCE_KEYS[name])}")
+  if moved:
+    print(f"jaxpost: warning: {source} uses the old 'preference' section; it still works, but "
+          f"rename {'; '.join(moved)}", file=sys.stderr)
+  return raw
+
+
 # -- public entry points --------------------------------------------------------------------
 
 
@@ -279,7 +327,9 @@ def config_from_dict(raw: Any, *, source: str = "the config",
   dotted keys to a more precise origin (see `apply_overrides`)."""
   if not isinstance(raw, dict):
     raise ConfigError(f"{source} must be a mapping of sections, got {_shown(raw)}")
-  cfg = _Builder(source, sources or {}, root).build(root, raw, "")
+  sources = dict(sources or {})
+  raw = _migrate_preference(raw, source, sources)
+  cfg = _Builder(source, sources, root).build(root, raw, "")
   cfg.validate()
   return cfg
 

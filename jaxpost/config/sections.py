@@ -87,7 +87,8 @@ class DataSection(Section):
   """Training data: a JSONL (or HF `datasets`) path per split and how rows become batches.
 
   `seq_len` is the length of a packed (or padded) row; `max_length` truncates one example
-  before packing (None: `seq_len`); `on_bad_row` raises or skips a malformed row; `train_on`
+  before packing (None: `seq_len`); `max_prompt_length` keeps only each prompt's last tokens
+  (preference data, as TRL); `on_bad_row` raises or skips a malformed row; `train_on`
   selects which tokens carry the loss (None: the format's default).
   """
 
@@ -97,6 +98,7 @@ class DataSection(Section):
   seq_len: int = 256
   pack: bool = True
   max_length: int | None = None
+  max_prompt_length: int | None = None
   shuffle: bool = True
   on_bad_row: OnBadRow = "error"
   train_on: str | None = None
@@ -105,6 +107,8 @@ class DataSection(Section):
     _require(self.seq_len >= 1, f"{prefix}seq_len must be >= 1, got {self.seq_len}")
     _require(self.max_length is None or self.max_length >= 1,
              f"{prefix}max_length must be >= 1 or null, got {self.max_length}")
+    _require(self.max_prompt_length is None or self.max_prompt_length >= 1,
+             f"{prefix}max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
     _require(self.train != "", f"{prefix}train must not be empty")
 
 
@@ -298,20 +302,13 @@ class PromptSection(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceSection(Section):
-  """Preference optimisation and reward models (`algorithm: dpo | kto | reward`).
+class DPOSection(Section):
+  """The DPO family (`algorithm: dpo`; `jaxpost.losses.preference_loss`).
 
-  dpo: `loss_type` sigmoid (DPO), hinge, ipo, cdpo, robust, simpo, orpo (the last two need no
-    reference model); `beta`; `label_smoothing` (cdpo, robust); `gamma` (SimPO's margin);
-    `length_normalize` averages log-probs per token for every loss type; `sft_weight` adds the
-    chosen answers' NLL (RPO; TRL's rpo_alpha).
-  Reference model: `reference: in_step` computes its log-probs inside the compiled step from
-    frozen weights (under LoRA or prompt tuning: the base model, adapters off); `precomputed`
-    computes them once over the data before training. `sync_every` > 0 (TR-DPO) moves the
-    reference towards the policy every N steps: ref <- sync_alpha * policy + (1 - alpha) * ref.
-  kto: `desirable_weight`, `undesirable_weight`.
-  reward: Bradley-Terry with `margin` and `center_coefficient` (reward centering).
-  `max_prompt_length` keeps each prompt's last tokens.
+  `loss_type` sigmoid (DPO), hinge, ipo, cdpo, robust, simpo, orpo (the last two need no
+  reference model); `beta`; `label_smoothing` (cdpo, robust); `gamma` (SimPO's margin);
+  `length_normalize` averages log-probs per token for every loss type; `sft_weight` adds the
+  chosen answers' NLL (RPO; TRL's rpo_alpha).
   """
   loss_type: PreferenceLoss = "sigmoid"
   beta: float = 0.1
@@ -319,14 +316,6 @@ class PreferenceSection(Section):
   gamma: float = 0.0
   length_normalize: bool = False
   sft_weight: float = 0.0
-  reference: Literal["in_step", "precomputed"] = "in_step"
-  sync_every: int = 0
-  sync_alpha: float = 1.0
-  desirable_weight: float = 1.0
-  undesirable_weight: float = 1.0
-  margin: float = 0.0
-  center_coefficient: float = 0.0
-  max_prompt_length: int | None = None
 
   @property
   def needs_reference(self) -> bool:
@@ -337,13 +326,54 @@ class PreferenceSection(Section):
     _require(0 <= self.label_smoothing < 0.5,
              f"{prefix}label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
     _require(self.sft_weight >= 0, f"{prefix}sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOSection(Section):
+  """KTO (`algorithm: kto`; `jaxpost.losses.kto_objective`) on unpaired rows: `beta` and the
+  weights of desirable and undesirable rows."""
+  beta: float = 0.1
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+
+  def validate(self, prefix: str) -> None:
+    _require(self.beta > 0, f"{prefix}beta must be > 0, got {self.beta}")
+    for name in ("desirable_weight", "undesirable_weight"):
+      value = getattr(self, name)
+      _require(value > 0, f"{prefix}{name} must be > 0, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection(Section):
+  """Bradley-Terry reward models (`algorithm: reward`; `jaxpost.reward.reward_loss`): a
+  constant `margin` and reward centering's `center_coefficient`."""
+  margin: float = 0.0
+  center_coefficient: float = 0.0
+
+  def validate(self, prefix: str) -> None:
+    _require(self.center_coefficient >= 0,
+             f"{prefix}center_coefficient must be >= 0, got {self.center_coefficient}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSection(Section):
+  """The reference model of algorithms that have one (DPO, KTO): the model training starts
+  from, frozen (under LoRA or prompt tuning: the base model, adapters off).
+
+  `mode: in_step` computes its log-probs inside the compiled step; `precomputed` computes them
+  once over the data before training. `sync_every` > 0 (TR-DPO) moves the reference towards the
+  policy every N steps: ref <- sync_alpha * policy + (1 - sync_alpha) * ref.
+  """
+  mode: Literal["in_step", "precomputed"] = "in_step"
+  sync_every: int = 0
+  sync_alpha: float = 1.0
+
+  def validate(self, prefix: str) -> None:
     _require(self.sync_every >= 0, f"{prefix}sync_every must be >= 0, got {self.sync_every}")
     _require(0 < self.sync_alpha <= 1,
              f"{prefix}sync_alpha must be in (0, 1], got {self.sync_alpha}")
-    _require(self.center_coefficient >= 0,
-             f"{prefix}center_coefficient must be >= 0, got {self.center_coefficient}")
-    _require(not (self.sync_every and self.reference == "precomputed"),
-             f"{prefix}sync_every needs {prefix}reference=in_step (a precomputed reference "
+    _require(not (self.sync_every and self.mode == "precomputed"),
+             f"{prefix}sync_every needs {prefix}mode=in_step (a precomputed reference "
              "cannot move)")
 
 
@@ -368,7 +398,10 @@ class RunConfig:
   task: TaskSection | None = None
   lora: LoraSection | None = None
   prompt: PromptSection | None = None
-  preference: PreferenceSection = dataclasses.field(default_factory=PreferenceSection)
+  dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+  kto: KTOSection = dataclasses.field(default_factory=KTOSection)
+  reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+  reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a
@@ -401,9 +434,9 @@ class RunConfig:
              f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={t.steps}")
     _require(self.lora is None or self.prompt is None,
              "lora and prompt are exclusive; keep one of the two sections")
-    _require(not (self.algorithm == "kto" and self.preference.reference == "precomputed"),
-             "preference.reference=precomputed is for paired data; KTO's KL rows change with "
-             "every batch, so use preference.reference=in_step")
+    _require(not (self.algorithm == "kto" and self.reference.mode == "precomputed"),
+             "reference.mode=precomputed is for paired data; KTO's KL rows change with "
+             "every batch, so use reference.mode=in_step")
     _require(self.algorithm != "reward" or (self.lora is None and self.prompt is None),
              "algorithm=reward trains the whole model and its score head; remove the lora / "
              "prompt section")

@@ -11,7 +11,7 @@ __all__ = [
 ]
 
 
-def train(cfg):
+def train(cfg, **kwargs):
   """Runs a `RunConfig` (see `jaxpost.train.trainer.train`)."""
   from jaxpost.train.trainer import train as _train  # pylint: disable=import-outside-toplevel
-  return _train(cfg)
+  return _train(cfg, **kwargs)

@@ -16,7 +16,10 @@ single `jax.jit` function with explicit input/output shardings and a donated sta
 * RNG: the per-step key is `fold_in(state.rng, state.step)`, so a resumed run draws the same
   randomness as an uninterrupted one.
 * `frozen` carries what is not trained (a reference model, a frozen base under LoRA): it gets
-  no gradient and no optimizer state.
+  no gradient and no optimizer state. A dict is passed to the loss as keywords
+  (`loss_fn(params, batch, rng, **frozen)`, the function-level API: `lora_loss`, `dpo_loss`'s
+  `ref_params`); any other pytree, such as the algorithms' `Frozen`, as the fourth argument
+  (`loss_fn(params, batch, rng, frozen)`).
 """
 
 from __future__ import annotations
@@ -73,18 +76,26 @@ def _split_micro(x: jax.Array, n: int) -> jax.Array:
   return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
 
 
+def call_loss(loss_fn: LossFn, params, batch, rng, frozen):
+  """`loss_fn(params, batch, rng, **frozen)` for a dict of frozen inputs, else
+  `loss_fn(params, batch, rng, frozen)` (see the module docstring)."""
+  if frozen is None or isinstance(frozen, dict):
+    return loss_fn(params, batch, rng, **(frozen or {}))
+  return loss_fn(params, batch, rng, frozen)
+
+
 def _grads(loss_fn: LossFn, params, batch, rng, frozen, micro_batches: int):
   """Weighted-mean loss, gradients and metrics over the micro-batches of `batch`."""
 
   def weighted(p, mb, key):
-    loss, metrics = loss_fn(p, mb, key, **frozen)
+    loss, metrics = call_loss(loss_fn, p, mb, key, frozen)
     metrics = dict(metrics)
     w = jnp.asarray(metrics.pop("weight", 1.0), jnp.float32)
     return loss * w, (loss, w, metrics)
 
   if micro_batches == 1:
     def plain(p):
-      loss, metrics = loss_fn(p, batch, rng, **frozen)
+      loss, metrics = call_loss(loss_fn, p, batch, rng, frozen)
       return loss, {k: v for k, v in metrics.items() if k != "weight"}
     (loss, metrics), g = jax.value_and_grad(plain, has_aux=True)(params)
     return loss, g, metrics

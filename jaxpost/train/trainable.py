@@ -1,10 +1,19 @@
-"""What a run trains: the whole model, LoRA/DoRA/QLoRA adapters, or a soft prompt / prefix.
+"""What a run trains: the whole model (`Full`), LoRA/DoRA/QLoRA adapters (`Lora`), or a soft
+prompt / prefix (`Prompt`).
 
-`make_trainable` turns the run config and the loaded model into a `Trainable`: the initial
-trainable tree with its shardings, the frozen inputs of the update step (the base model under
-PEFT) with theirs, how a loss over full model params becomes a loss over the trainable tree,
-the model params that forward/generate use (adapters attached, never merged), and the export.
-The update step itself never changes: PEFT is a rewrite of the loss's params argument.
+Each is a small object with the same members:
+
+    tree, frozen = trainable.init(params, rng, reference=..., moving_reference=...)
+    trainable.model(tree, frozen, dropout_rng)   # full model params for forward / generate
+    trainable.reference(tree, frozen)            # the reference model's full params
+    trainable.export(tree, frozen, out_dir, model_dir)
+
+`tree` is what the optimizer updates; `frozen` is a `Frozen(base, reference)` that the update
+step reads without gradient. The reference of DPO-style losses always has the trainable's own
+form: a copy of the full params, a copy of the adapters (a moving reference under LoRA), or
+None, meaning the frozen base with the adapters off (no second copy of the weights). The update
+step itself never changes: `trainable_loss` turns a loss over full model params into a loss
+over the trainable tree.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpost import sharding as sharding_lib
+from jaxpost.algorithms.base import Frozen
 from jaxpost.config import RunConfig
 from jaxpost.models import ModelConfig, save_hf
 from jaxpost.peft import (LoraConfig, attach_lora, init_lora, load_peft_adapter, lora_specs,
@@ -27,24 +37,14 @@ from jaxpost.peft.prompt import (PromptConfig, attach_prompt, init_prompt, promp
                                  save_prompt)
 from jaxpost.peft.quant import is_quantized
 
-# A loss over full model params, with the reference model (if any) as `ref_params`.
-LossFn = Callable[..., Any]
+
+def count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-@dataclasses.dataclass
-class Trainable:
-  """See the module docstring. `model_params(trainable, frozen)` gives the params for
-  forward/generate; `reference(frozen)` the reference model of preference losses."""
-
-  params: Any
-  shardings: Any
-  frozen: dict
-  frozen_shardings: dict
-  kind: str  # "full", "lora" or "prompt"
-  wrap: Callable[[LossFn], LossFn]
-  model_params: Callable[[Any, dict], dict]
-  export: Callable[[Any, dict, Path, Path], None]
-  describe: str
+def _copy(tree):
+  """A copy that survives the step donating the original."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _replicated_quantized(p_shard, params, mesh):
@@ -56,116 +56,171 @@ def _replicated_quantized(p_shard, params, mesh):
                           x, NamedSharding))
 
 
-def count(tree) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))
+@dataclasses.dataclass
+class Full:
+  """Full fine-tuning: every parameter trains; the reference is a frozen copy of the start."""
+
+  config: ModelConfig
+  shardings: Any  # of the model params
+  kind: str = "full"
+  describe: str = ""
+
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+    del rng, moving_reference
+    self.describe = f"full fine-tuning: {count(params):,} parameters"
+    return params, Frozen(reference=_copy(params) if reference else None)
+
+  def frozen_shardings(self, frozen: Frozen) -> Frozen:
+    return Frozen(reference=None if frozen.reference is None else self.shardings)
+
+  def model(self, params, frozen: Frozen, dropout_key=None):
+    del frozen, dropout_key
+    return params
+
+  def reference(self, params, frozen: Frozen):
+    return params if frozen.reference is None else frozen.reference
+
+  def export(self, params, frozen: Frozen, out_dir: Path, model_dir: Path) -> None:
+    del frozen, model_dir
+    save_hf(self.config, params, out_dir / "final")
 
 
-def make_trainable(cfg: RunConfig, config: ModelConfig, params: dict, p_shard, mesh,
-                   rng: jax.Array, *, tokenizer=None, needs_reference: bool = False,
+@dataclasses.dataclass
+class Lora:
+  """LoRA / rsLoRA / DoRA adapters over a frozen (optionally NF4 / int8) base."""
+
+  config: ModelConfig
+  lora: LoraConfig
+  quantize: str
+  base_shardings: Any
+  mesh: Any
+  dtype: Any = jnp.float32
+  loaded: Any = None  # adapters from `lora.init_from`
+  kind: str = "lora"
+  describe: str = ""
+
+  @property
+  def shardings(self):
+    return sharding_lib.param_shardings(lora_specs(self.config, self.lora), self.mesh)
+
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+    base, self._base_sh = params, self.base_shardings
+    if self.quantize != "none":
+      base = jax.jit(lambda p: quantize_params(p, kind=self.quantize))(params)
+      self._base_sh = _replicated_quantized(self.base_shardings, base, self.mesh)
+      base = jax.device_put(base, self._base_sh)
+    if self.loaded is not None:
+      adapters = jax.device_put(self.loaded, self.shardings)
+    else:
+      adapters = jax.jit(lambda k, b: init_lora(self.config, self.lora, k, self.dtype, base=b),
+                         out_shardings=self.shardings)(jax.random.fold_in(rng, 1), base)
+    quant = "" if self.quantize == "none" else f", base in {self.quantize}"
+    variant = "DoRA" if self.lora.dora else "LoRA"
+    self.describe = (f"{variant} r={self.lora.rank}{quant}: {count(adapters):,} trainable of "
+                     f"{count(params):,} parameters")
+    moving = reference and moving_reference  # else the reference is the base, adapters off
+    return adapters, Frozen(base=base, reference=_copy(adapters) if moving else None)
+
+  def frozen_shardings(self, frozen: Frozen) -> Frozen:
+    return Frozen(base=self._base_sh,
+                  reference=None if frozen.reference is None else self.shardings)
+
+  def model(self, adapters, frozen: Frozen, dropout_key=None):
+    return attach_lora(frozen.base, adapters, self.lora, dropout_key)
+
+  def reference(self, adapters, frozen: Frozen):
+    del adapters
+    if frozen.reference is None:
+      return frozen.base
+    return attach_lora(frozen.base, frozen.reference, self.lora)
+
+  def export(self, adapters, frozen: Frozen, out_dir: Path, model_dir: Path) -> None:
+    save_hf(self.config, merge_lora(frozen.base, adapters, self.lora), out_dir / "final")
+    save_peft_adapter(self.config, self.lora, adapters, out_dir / "adapter",
+                      base_model=str(model_dir))
+
+
+@dataclasses.dataclass
+class Prompt:
+  """Prompt tuning (learned input embeddings) or prefix tuning (learned keys / values)."""
+
+  config: ModelConfig
+  prompt: PromptConfig
+  base_shardings: Any
+  mesh: Any
+  init_tokens: Any = None
+  kind: str = "prompt"
+  describe: str = ""
+
+  @property
+  def shardings(self):
+    return sharding_lib.param_shardings(prompt_specs(self.config, self.prompt), self.mesh)
+
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+    del reference, moving_reference  # the reference is the base, prompt off
+    pc = self.prompt
+    tree = jax.jit(lambda k, p: init_prompt(self.config, pc, p, k, self.init_tokens),
+                   out_shardings=self.shardings)(jax.random.fold_in(rng, 1), params)
+    self.describe = (f"{pc.kind} tuning, {pc.num_tokens} virtual tokens: {count(tree):,} "
+                     f"trainable of {count(params):,} parameters")
+    return tree, Frozen(base=params)
+
+  def frozen_shardings(self, frozen: Frozen) -> Frozen:
+    del frozen
+    return Frozen(base=self.base_shardings)
+
+  def model(self, prompt, frozen: Frozen, dropout_key=None):
+    del dropout_key
+    return attach_prompt(self.config, frozen.base, prompt, self.prompt)
+
+  def reference(self, prompt, frozen: Frozen):
+    del prompt
+    return frozen.base
+
+  def export(self, prompt, frozen: Frozen, out_dir: Path, model_dir: Path) -> None:
+    del frozen
+    save_prompt(self.config, self.prompt, prompt, out_dir / "adapter",
+                base_model=str(model_dir))
+
+
+Trainable = Full | Lora | Prompt
+
+
+def make_trainable(cfg: RunConfig, config: ModelConfig, p_shard, mesh, *, tokenizer=None,
                    log: Callable[[str], None] = print) -> Trainable:
-  """Builds the trainable tree for `cfg` (full fine-tuning, `lora:` or `prompt:`).
-
-  With `needs_reference`, full fine-tuning keeps a frozen copy of the initial model as the
-  reference (`frozen["ref"]`); PEFT runs use the frozen base itself (adapters off).
-  """
-  dtype = jnp.dtype(cfg.model.dtype)
-  sync = needs_reference and cfg.preference.sync_every > 0
-
+  """The trainable of `cfg`: `lora:` adapters, a `prompt:`, or else the whole model."""
   if cfg.lora is not None:
     lc = cfg.lora
     lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, targets=lc.target_tuple(),
                       rslora=lc.rslora, dropout=lc.dropout, dora=lc.dora)
     loaded = None
     if lc.init_from:
-      lora, loaded = load_peft_adapter(config, lc.init_from, dtype)
+      lora, loaded = load_peft_adapter(config, lc.init_from, jnp.dtype(cfg.model.dtype))
       lora = dataclasses.replace(lora, dropout=lc.dropout)
       log(f"LoRA adapters from {lc.init_from} (r={lora.rank}, alpha={lora.alpha}, "
           f"targets={','.join(lora.targets)})")
-    base, b_shard = params, p_shard
-    if lc.quantize != "none":
-      base = jax.jit(lambda p: quantize_params(p, kind=lc.quantize))(params)  # all projections
-      b_shard = _replicated_quantized(p_shard, base, mesh)
-      base = jax.device_put(base, b_shard)
-    t_shard = sharding_lib.param_shardings(lora_specs(config, lora), mesh)
-    if loaded is not None:
-      trainable = jax.device_put(loaded, t_shard)
-    else:
-      trainable = jax.jit(lambda k, b: init_lora(config, lora, k, dtype, base=b),
-                          out_shardings=t_shard)(jax.random.fold_in(rng, 1), base)
-    frozen, f_shard = {"base": base}, {"base": b_shard}
-    if sync:  # TR-DPO under LoRA: the reference is the base with its own copy of the adapters
-      frozen["ref_adapters"] = jax.tree.map(jnp.copy, trainable)
-      f_shard["ref_adapters"] = t_shard
-
-    def wrap(loss_fn):
-      def adapted(adapters, batch, rng, *, base, ref_adapters=None, **rest):
-        extra = {}
-        if needs_reference:
-          extra["ref_params"] = base if ref_adapters is None else attach_lora(base, ref_adapters,
-                                                                              lora)
-        return loss_fn(attach_lora(base, adapters, lora, dropout_rng(rng)), batch, rng, **extra,
-                       **rest)
-      return adapted
-
-    def export(tr, fr, run_dir, model_dir):
-      save_hf(config, merge_lora(fr["base"], tr, lora), run_dir / "final")
-      save_peft_adapter(config, lora, tr, run_dir / "adapter", base_model=str(model_dir))
-
-    quant = "" if lc.quantize == "none" else f", base in {lc.quantize}"
-    variant = "DoRA" if lora.dora else "LoRA"
-    return Trainable(trainable, t_shard, frozen, f_shard, "lora", wrap,
-                     lambda tr, fr: attach_lora(fr["base"], tr, lora), export,
-                     f"{variant} r={lora.rank}{quant}: {count(trainable):,} trainable of "
-                     f"{count(params):,} parameters")
-
+    return Lora(config, lora, lc.quantize, p_shard, mesh, jnp.dtype(cfg.model.dtype), loaded)
   if cfg.prompt is not None:
     pc = PromptConfig(kind=cfg.prompt.kind, num_tokens=cfg.prompt.num_tokens)
     init_tokens = None
-    if cfg.prompt.init_text:
-      ids = tokenizer.encode(cfg.prompt.init_text) if tokenizer is not None else []
-      ids = (ids * pc.num_tokens)[:pc.num_tokens] if ids else None
-      init_tokens = None if ids is None else jnp.asarray(ids, jnp.int32)
-    t_shard = sharding_lib.param_shardings(prompt_specs(config, pc), mesh)
-    trainable = jax.jit(lambda k, p: init_prompt(config, pc, p, k, init_tokens),
-                        out_shardings=t_shard)(jax.random.fold_in(rng, 1), params)
-    frozen, f_shard = {"base": params}, {"base": p_shard}
-
-    def wrap(loss_fn):
-      def prompted(prompt, batch, rng, *, base, **rest):
-        extra = {"ref_params": base} if needs_reference else {}
-        return loss_fn(attach_prompt(config, base, prompt, pc), batch, rng, **extra, **rest)
-      return prompted
-
-    def export(tr, fr, run_dir, model_dir):
-      save_prompt(config, pc, tr, run_dir / "adapter", base_model=str(model_dir))
-
-    return Trainable(trainable, t_shard, frozen, f_shard, "prompt", wrap,
-                     lambda tr, fr: attach_prompt(config, fr["base"], tr, pc), export,
-                     f"{pc.kind} tuning, {pc.num_tokens} virtual tokens: {count(trainable):,} "
-                     f"trainable of {count(params):,} parameters")
-
-  frozen, f_shard = {}, {}
-  if needs_reference:
-    frozen["ref"] = jax.tree.map(jnp.copy, params)  # the step donates the trainable tree
-    f_shard["ref"] = p_shard
-
-  def wrap(loss_fn):
-    if not needs_reference:
-      return loss_fn
-    return lambda p, batch, rng, *, ref, **rest: loss_fn(p, batch, rng, ref_params=ref, **rest)
-
-  def export(tr, fr, run_dir, model_dir):
-    save_hf(config, tr, run_dir / "final")
-
-  return Trainable(params, p_shard, frozen, f_shard, "full", wrap, lambda tr, fr: tr, export,
-                   f"full fine-tuning: {count(params):,} parameters")
+    if cfg.prompt.init_text and tokenizer is not None:
+      ids = tokenizer.encode(cfg.prompt.init_text)
+      init_tokens = jnp.asarray((ids * pc.num_tokens)[:pc.num_tokens], jnp.int32) if ids else None
+    return Prompt(config, pc, p_shard, mesh, init_tokens)
+  return Full(config, p_shard)
 
 
-def sync_reference(trainable: Trainable, params, frozen: dict, alpha: float) -> dict:
-  """TR-DPO: the reference moves towards the policy, ref <- alpha * policy + (1-alpha) * ref."""
-  key = "ref" if trainable.kind == "full" else "ref_adapters"
-  if key not in frozen:
-    raise ValueError("reference sync needs a run with a moving reference (sync_every > 0)")
-  mix = jax.jit(lambda p, r: jax.tree.map(lambda a, b: (alpha * a + (1 - alpha) * b).astype(
-      b.dtype), p, r))
-  return {**frozen, key: mix(params, frozen[key])}
+def trainable_loss(trainable: Trainable, loss: Callable, *, training: bool,
+                   reference: bool) -> Callable:
+  """`loss(model_params, batch, rng, frozen)` as a loss over the trainable tree for the update
+  step: `(tree, batch, rng, frozen) -> (loss, metrics)`. The loss sees the model with the
+  trainable attached (LoRA dropout on only when `training`) and a `Frozen` whose `reference` is
+  the reference model's full params (with `reference`; else None)."""
+
+  def step_loss(tree, batch, rng, frozen: Frozen):
+    model = trainable.model(tree, frozen, dropout_rng(rng) if training else None)
+    ref = trainable.reference(tree, frozen) if reference else None
+    seen = Frozen(reference=ref, teacher=frozen.teacher)
+    return loss(model, batch, rng, seen)
+
+  return step_loss

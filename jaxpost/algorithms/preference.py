@@ -1,0 +1,131 @@
+"""Preference optimisation: the DPO family (`dpo:`) and KTO (`kto:`), with a reference model.
+
+The losses are `jaxpost.losses.dpo_loss` / `kto_loss` bound to their section's options. The
+reference model (`reference:`) is the start model, frozen (under PEFT: the base, adapters off):
+scored inside the step (`mode: in_step`, `frozen.reference`), or once over the data before
+training (`mode: precomputed`: the batches then carry `ref_logps`). `reference.sync_every` > 0
+moves it towards the policy (TR-DPO) in `after_step`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxpost.algorithms.base import Algorithm, Offline, Policy, reference_sync
+from jaxpost.data.preference import build_kto_batches, build_preference_batches
+from jaxpost.losses.dpo import dpo_loss, kto_loss, reference_logps
+
+_BUILDERS = {"paired": build_preference_batches, "unpaired": build_kto_batches}
+
+
+def preference_batches(run, split: str, kind: str, *, training: bool | None = None
+                       ) -> Offline | None:
+  """The run's preference batches of `split`: pairs [B, 2, T] (`kind` "paired") or KTO rows
+  (`kind` "unpaired"). Training batches (default for "train") are shuffled and endless; else
+  one pass in data order, padded to full batches. None where the run has no such data."""
+  d, t = run.cfg.data, run.cfg.train
+  path = run.data.path(kind, split)
+  if path is None:
+    return None
+  training = split == "train" if training is None else training
+  return Offline(_BUILDERS[kind](
+      path, run.tokenizer, seq_len=d.seq_len, batch_size=t.batch_size,
+      max_prompt_length=d.max_prompt_length, max_length=d.max_length, seed=t.seed,
+      on_bad_row=d.on_bad_row, shuffle=d.shuffle and training, epochs=None if training else 1,
+      drop_remainder=training))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_fn(config, kind: str, compute_dtype):
+  return jax.jit(lambda p, b: reference_logps(config, p, b, kind=kind,
+                                              compute_dtype=compute_dtype))
+
+
+def _with_table(table: np.ndarray):
+  """Adds each row's precomputed reference log-probs (`ref_logps` [B, 2], looked up by the
+  row's item `index`; -1 is padding)."""
+
+  def add(batch):
+    index = batch["index"]
+    ref = np.where(index[:, None] >= 0, table[np.maximum(index, 0)], 0.0)
+    return {**batch, "ref_logps": ref.astype(np.float32)}
+
+  return add
+
+
+def with_reference_logps(run, source: Offline, split: str, kind: str,
+                         policy: Policy) -> Offline:
+  """`source` with every batch's `ref_logps` from the reference model (the start model).
+
+  Training data: computed once over every item (and reused from `run_dir/data` when the
+  data's fingerprint matches), looked up by item. Held-out data: computed per batch (the loop
+  takes the held-out batches once)."""
+  fn = _reference_fn(run.config, "kto" if kind == "unpaired" else "dpo",
+                     run.model_kwargs["compute_dtype"])
+  model = run.reference_model(policy.params, policy.frozen)
+  score = lambda batch: np.asarray(jax.device_get(fn(model, run.place(batch))), np.float32)  # noqa: E731
+  if split != "train":
+    return Offline(source.batches, lambda b: {**b, "ref_logps": score(b)})
+  path = Path(run.run_dir) / "data" / f"reference_logps_{source.fingerprint}.npy"
+  if path.exists():
+    table = np.load(path)
+  else:
+    table = np.zeros((source.num_examples, 2), np.float32)
+    for batch in preference_batches(run, split, kind, training=False):
+      index = batch["index"]
+      table[index[index >= 0]] = score(batch)[index >= 0]
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(".tmp.npy")
+      np.save(tmp, table)
+      tmp.replace(path)
+    print(f"reference log-probs of {len(table)} items precomputed into {path}", flush=True)
+  return Offline(source.batches, _with_table(table))
+
+
+def _preference(run, name: str, kind: str, loss, needs_reference: bool, headline: str
+                ) -> Algorithm:
+  """An algorithm over preference data of `kind` with the run's `reference:` settings."""
+  ref = run.cfg.reference
+  precomputed = needs_reference and ref.mode == "precomputed"
+
+  def batches(split, policy):
+    source = preference_batches(run, split, kind)
+    if source is None or not precomputed:
+      return source
+    return with_reference_logps(run, source, split, kind, policy)
+
+  moving = needs_reference and ref.sync_every > 0
+  return Algorithm(
+      name=name, loss=loss, batches=batches, headline=headline,
+      needs_reference=needs_reference and not precomputed, moving_reference=moving,
+      after_step=reference_sync(ref.sync_every, ref.sync_alpha) if moving else None)
+
+
+def make_dpo(run) -> Algorithm:
+  """The DPO family for a built run (`jaxpost.train.build`); settings from `dpo:`."""
+  p = run.cfg.dpo
+  loss = functools.partial(dpo_loss, config=run.config, loss_type=p.loss_type, beta=p.beta,
+                           label_smoothing=p.label_smoothing, gamma=p.gamma,
+                           length_normalize=p.length_normalize, sft_weight=p.sft_weight,
+                           **run.model_kwargs)
+  return _preference(
+      run, "dpo", "paired",
+      lambda params, batch, rng, frozen: loss(params, batch, rng, ref_params=frozen.reference),
+      p.needs_reference, "rewards/accuracies")
+
+
+def make_kto(run) -> Algorithm:
+  """KTO for a built run (`jaxpost.train.build`); settings from `kto:`."""
+  k = run.cfg.kto
+  loss = functools.partial(kto_loss, config=run.config, beta=k.beta,
+                           desirable_weight=k.desirable_weight,
+                           undesirable_weight=k.undesirable_weight, **run.model_kwargs)
+  return _preference(
+      run, "kto", "unpaired",
+      lambda params, batch, rng, frozen: loss(params, batch, rng, ref_params=frozen.reference),
+      True, "rewards/margins")

@@ -1,0 +1,47 @@
+"""Supervised fine-tuning: token cross-entropy on the trained tokens (`jaxpost.losses.sft_loss`).
+
+Its batches are packed rows of chat, prompt + completion or plain text
+(`jaxpost.data.build_sft_batches`); held out, it also reports perplexity.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from jaxpost.algorithms.base import Algorithm, Offline
+from jaxpost.data import build_sft_batches
+from jaxpost.losses import sft_loss
+
+
+def perplexity(metrics: dict[str, float]) -> dict[str, float]:
+  """exp(held-out loss), capped at exp(50)."""
+  if "loss" not in metrics:
+    return metrics
+  return {**metrics, "perplexity": float(np.exp(min(metrics["loss"], 50.0)))}
+
+
+def sft_batches(run, split: str, kind: str = "sft") -> Offline | None:
+  """The run's SFT batches of `split` (None where the run has no such data): shuffled and
+  endless for "train", one pass padded to full batches for "eval"."""
+  d, t = run.cfg.data, run.cfg.train
+  path = run.data.path(kind, split)
+  if path is None:
+    return None
+  training = split == "train"
+  return Offline(build_sft_batches(
+      path, run.tokenizer, format=d.format, seq_len=d.seq_len, batch_size=t.batch_size,
+      pack=d.pack, seed=t.seed, max_length=d.max_length, on_bad_row=d.on_bad_row,
+      train_on=d.train_on, shuffle=d.shuffle and training, epochs=None if training else 1,
+      drop_remainder=training))
+
+
+def make(run) -> Algorithm:
+  """SFT for a built run (`jaxpost.train.build`)."""
+  loss = functools.partial(sft_loss, config=run.config, **run.model_kwargs)
+  return Algorithm(
+      name="sft",
+      loss=lambda params, batch, rng, frozen: loss(params, batch, rng),
+      batches=lambda split, policy: sft_batches(run, split),
+      eval_metrics=perplexity)
