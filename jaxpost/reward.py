@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.data.formats import _messages, _prompt_completion_example, _string
+from jaxpost.data.formats import check_messages, check_string, prompt_completion_example
 from jaxpost.data.pipeline import pad_id_of
 from jaxpost.losses.preference import weighted_mean
 from jaxpost.models import ModelConfig, forward
@@ -201,8 +201,8 @@ def reward_input_ids(tokenizer: Tokenizer, item: str | Sequence[Mapping[str, Any
       with an assistant message or has nothing before it.
   """
   if isinstance(item, str):
-    return tokenizer.encode(_string(item, "text"), add_eos=tokenizer.eos_id is not None)
-  messages = _messages(list(item), "messages")
+    return tokenizer.encode(check_string(item, "text"), add_eos=tokenizer.eos_id is not None)
+  messages = check_messages(list(item), "messages")
   k = len(messages)
   while k > 0 and messages[k - 1]["role"] == "assistant":
     k -= 1
@@ -211,8 +211,8 @@ def reward_input_ids(tokenizer: Tokenizer, item: str | Sequence[Mapping[str, Any
                      f"response), this one ends with a {messages[-1]['role']!r} message")
   if k == 0:
     raise ValueError("a conversation to score needs a prompt: it has only assistant messages")
-  example = _prompt_completion_example({"prompt": messages[:k], "completion": messages[k:]},
-                                       tokenizer, "completion", add_eos=True)
+  example = prompt_completion_example({"prompt": messages[:k], "completion": messages[k:]},
+                                      tokenizer, "completion", add_eos=True)
   return example.tokens.tolist()
 
 

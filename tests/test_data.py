@@ -329,6 +329,31 @@ def test_resume_is_exact_across_epochs(tok, train_file):
     build_sft_batches(train_file, tok, seq_len=64, batch_size=8, seed=8, state=saved)
 
 
+def _pinned_examples():
+  """Seven examples of 3..9 tokens, fixed for good: a test pins their fingerprint."""
+  return [Example(np.arange(n) + 10 * n, np.arange(n) % 2 == 1) for n in range(3, 10)]
+
+
+@pytest.mark.parametrize("settings, saved, first_tokens", [
+    (dict(pack=True),
+     {"version": 1, "epoch": 1, "batch": 2, "seed": 5, "fingerprint": "29025793b873e464"},
+     [[40, 50], [90, 80], [70, 30], [80, 60]]),
+    (dict(pack=False, shuffle=False, drop_remainder=False, max_length=6, pad_id=2),
+     {"version": 1, "epoch": 0, "batch": 4, "seed": 5, "fingerprint": "96cc6360db9a9c90"},
+     [[30, 40], [50, 60], [70, 80], [90, 2]]),
+])
+def test_saved_state_and_fingerprint_are_pinned(settings, saved, first_tokens):
+  """A data state saved in a checkpoint by an earlier jaxpost resumes: `state()`, its
+  fingerprint and the epoch order are those observed before the epoch machinery was shared
+  (`jaxpost.data.epochs`). Never update these values to make the test pass."""
+  make = lambda **kw: BatchIterator(_pinned_examples(), batch_size=2, seq_len=12, seed=5,
+                                    **settings, **kw)  # noqa: E731
+  batches, reference = make(), _take(make(), 5)
+  assert [b["tokens"][:, 0].tolist() for b in _take(batches, 4)] == first_tokens
+  assert batches.state() == saved
+  _assert_same(_take(make(state=saved), 1), reference[4:])
+
+
 def test_batch_shapes_stats_and_final_partial_batch(tok, train_file):
   batches = build_sft_batches(train_file, tok, seq_len=64, batch_size=3, epochs=1,
                               shuffle=False, drop_remainder=False)

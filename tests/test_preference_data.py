@@ -12,8 +12,10 @@ import pytest
 import tokenizer_fixtures
 from data_fixtures import runs, write_jsonl
 from jaxpost.data.errors import DataError
-from jaxpost.data.preference import (PreferenceIterator, build_kto_batches,
-                                     build_preference_batches, pair_batch, to_pair, to_unpaired)
+from jaxpost.data.formats import Example
+from jaxpost.data.preference import (Pair, PreferenceIterator, Unpaired, build_kto_batches,
+                                     build_preference_batches, kto_batch, pair_batch, to_pair,
+                                     to_unpaired)
 from jaxpost.tasks import arithmetic, arithmetic_pref
 from jaxpost.tiny import make_tokenizer
 from jaxpost.tokenizer import load_tokenizer
@@ -349,6 +351,41 @@ def test_resume_is_exact_across_epochs(tok, tmp_path, kind):
   assert not np.array_equal(reference[0]["tokens"], other_seed["tokens"])
   with pytest.raises(ValueError, match="fingerprint"):
     build(train, tok, seq_len=48, batch_size=4, seed=8, state=saved)
+
+
+def _side(prompt, completion):
+  tokens = np.concatenate([prompt, completion])
+  return Example(tokens, np.arange(len(tokens)) >= len(prompt))
+
+
+def _pinned_items(kind):
+  """Five pairs or six KTO rows, fixed for good: a test pins their fingerprint."""
+  if kind == "paired":
+    return [Pair(_side(np.arange(3) + i, [40 + i, 41]), _side(np.arange(3) + i, [50 + i]), 3)
+            for i in range(5)]
+  return [Unpaired(_side(np.arange(2) + i, [60 + i, 61, 62][:1 + i % 3]), 2, i % 2 == 0)
+          for i in range(6)]
+
+
+@pytest.mark.parametrize("kind, settings, saved, indices", [
+    ("paired", dict(collate=pair_batch),
+     {"version": 1, "epoch": 1, "batch": 2, "seed": 5, "fingerprint": "ed5277b8e7a0ba0b"},
+     [[4, 3], [1, 2], [2, 0], [4, 3]]),
+    ("unpaired", dict(collate=kto_batch, shuffle=False, drop_remainder=False, max_length=4,
+                      max_prompt_length=1, pad_id=3),
+     {"version": 1, "epoch": 1, "batch": 1, "seed": 5, "fingerprint": "8b55886c6f7ebe0b"},
+     [[0, 1], [2, 3], [4, 5], [0, 1]]),
+])
+def test_saved_state_and_fingerprint_are_pinned(kind, settings, saved, indices):
+  """A data state saved in a checkpoint by an earlier jaxpost resumes: `state()`, its
+  fingerprint and the epoch order are those observed before the epoch machinery was shared
+  (`jaxpost.data.epochs`). Never update these values to make the test pass."""
+  make = lambda **kw: PreferenceIterator(_pinned_items(kind), batch_size=2, seq_len=8, seed=5,
+                                         **settings, **kw)  # noqa: E731
+  batches, reference = make(), _take(make(), 5)
+  assert [b["index"].tolist() for b in _take(batches, 4)] == indices
+  assert batches.state() == saved
+  _assert_same(_take(make(state=saved), 1), reference[4:])
 
 
 def test_epochs_and_final_partial_batch(tok):

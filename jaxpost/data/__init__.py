@@ -14,7 +14,8 @@ The stages, each usable alone:
    or is skipped and counted (`on_bad_row="skip"`).
 3. `truncate`, `plan_rows`, `make_rows` (`packing`): examples -> rows of `seq_len` tokens,
    packed greedily in order or one per row.
-4. `BatchIterator` (`iterator`): shuffled epochs, fixed-shape batches, exact resume, `stats`.
+4. `BatchIterator` (`iterator`): shuffled epochs, fixed-shape batches, exact resume, `stats`;
+   its schedule (`epochs.EpochIterator`) is also `preference.PreferenceIterator`'s.
 
 Batch layout (B = batch_size, T = seq_len), ready for `jaxpost.models.forward` and a loss:
 

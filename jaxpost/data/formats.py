@@ -115,14 +115,17 @@ def check_train_on(format: str, train_on: str | None) -> str:  # pylint: disable
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(row: Mapping[str, Any], field: str) -> Any:
+def get_field(row: Mapping[str, Any], field: str) -> Any:
+  """`row[field]`; a `DataError` (missing field) if it is absent or None."""
   value = row.get(field)
   if value is None:  # Arrow fills absent fields with None
     raise field_error(MISSING_FIELD, field, "is missing")
   return value
 
 
-def _string(value: Any, field: str, *, allow_empty: bool = False) -> str:
+def check_string(value: Any, field: str, *, allow_empty: bool = False) -> str:
+  """`value`, checked to be a string, and unless `allow_empty` one with a non-space character
+  (else a `DataError` naming `field`)."""
   if not isinstance(value, str):
     raise field_error(WRONG_TYPE, field, f"should be a string, got {type(value).__name__}")
   if not allow_empty and not value.strip():
@@ -130,7 +133,7 @@ def _string(value: Any, field: str, *, allow_empty: bool = False) -> str:
   return value
 
 
-def _messages(value: Any, field: str) -> list[dict[str, Any]]:
+def check_messages(value: Any, field: str) -> list[dict[str, Any]]:
   """A checked conversation: a non-empty list of {role, content} with known roles."""
   if not isinstance(value, list):
     raise field_error(WRONG_TYPE, field, f"should be a list of messages, got "
@@ -145,7 +148,7 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     role = message.get("role")
     if role is None:
       raise field_error(MISSING_FIELD, f"{name}.role", "is missing")
-    _string(role, f"{name}.role")
+    check_string(role, f"{name}.role")
     if role not in ROLES:
       raise field_error(WRONG_TYPE, f"{name}.role", f"has unknown role {role!r} (expected one of "
                         f"{sorted(ROLES)})")
@@ -153,7 +156,7 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if content is None and not message.get("tool_calls"):
       raise field_error(MISSING_FIELD, f"{name}.content", "is missing")
     if content is not None:
-      _string(content, f"{name}.content", allow_empty=True)
+      check_string(content, f"{name}.content", allow_empty=True)
   return [dict(message) for message in value]
 
 
@@ -162,7 +165,7 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Chat:
+class Chat:
   """A tokenizer's chat template, rendered to token ids; locates turns by token prefixes."""
 
   def __init__(self, tokenizer: Tokenizer) -> None:
@@ -244,8 +247,8 @@ def _mask(n: int, spans: Iterable[tuple[int, int]] = (), *, all_tokens: bool = F
   return mask
 
 
-def _messages_example(row: Mapping[str, Any], chat: _Chat, train_on: str) -> Example:
-  messages = _messages(_get(row, "messages"), "messages")
+def _messages_example(row: Mapping[str, Any], chat: Chat, train_on: str) -> Example:
+  messages = check_messages(get_field(row, "messages"), "messages")
   if train_on == "all":
     ids = chat.ids(messages)
     return Example(np.asarray(ids), _mask(len(ids), all_tokens=True))
@@ -257,9 +260,9 @@ def _messages_example(row: Mapping[str, Any], chat: _Chat, train_on: str) -> Exa
 
 def _completion_messages(value: Any) -> list[dict[str, Any]]:
   if isinstance(value, str):
-    _string(value, "completion")
+    check_string(value, "completion")
     return [{"role": "assistant", "content": value}]
-  completion = _messages(value, "completion")
+  completion = check_messages(value, "completion")
   for i, message in enumerate(completion):
     if message["role"] != "assistant":
       raise field_error(WRONG_TYPE, f"completion[{i}].role",
@@ -267,12 +270,14 @@ def _completion_messages(value: Any) -> list[dict[str, Any]]:
   return completion
 
 
-def _prompt_completion_example(row: Mapping[str, Any], tokenizer: Tokenizer, train_on: str,
-                               add_eos: bool) -> Example:
-  prompt, completion = _get(row, "prompt"), _get(row, "completion")
+def prompt_completion_example(row: Mapping[str, Any], tokenizer: Tokenizer, train_on: str,
+                              add_eos: bool) -> Example:
+  """A prompt + completion row (strings, or a conversational prompt) -> `Example`, as the module
+  docstring says; `train_on` "completion" or "all" (unchecked), no check of trained tokens."""
+  prompt, completion = get_field(row, "prompt"), get_field(row, "completion")
   if isinstance(prompt, list):
-    chat = _Chat(tokenizer)
-    prompt = _messages(prompt, "prompt")
+    chat = Chat(tokenizer)
+    prompt = check_messages(prompt, "prompt")
     completion = _completion_messages(completion)
     ids = chat.ids(prompt + completion)
     start = chat.prefix_length(ids, chat.ids(prompt, add_generation_prompt=True), "prompt")
@@ -280,8 +285,8 @@ def _prompt_completion_example(row: Mapping[str, Any], tokenizer: Tokenizer, tra
     if add_eos and tokenizer.eos_id is not None and not chat.stops & set(ids[start:]):
       ids.append(tokenizer.eos_id)
   else:
-    prompt_ids = tokenizer.encode(_string(prompt, "prompt", allow_empty=True))
-    completion_ids = tokenizer.encode(_string(completion, "completion"), add_bos=False,
+    prompt_ids = tokenizer.encode(check_string(prompt, "prompt", allow_empty=True))
+    completion_ids = tokenizer.encode(check_string(completion, "completion"), add_bos=False,
                                       add_eos=add_eos and tokenizer.eos_id is not None)
     start, ids = len(prompt_ids), prompt_ids + completion_ids
   return Example(np.asarray(ids), _mask(len(ids), [(start, len(ids))],
@@ -289,7 +294,7 @@ def _prompt_completion_example(row: Mapping[str, Any], tokenizer: Tokenizer, tra
 
 
 def _text_example(row: Mapping[str, Any], tokenizer: Tokenizer, add_eos: bool) -> Example:
-  text = _string(_get(row, "text"), "text")
+  text = check_string(get_field(row, "text"), "text")
   ids = tokenizer.encode(text, add_eos=add_eos and tokenizer.eos_id is not None)
   return Example(np.asarray(ids), _mask(len(ids), all_tokens=True))
 
@@ -308,9 +313,9 @@ def to_example(row: Mapping[str, Any], tokenizer: Tokenizer, *,
   """
   train_on = check_train_on(format, train_on)
   if format == "messages":
-    example = _messages_example(row, _Chat(tokenizer), train_on)
+    example = _messages_example(row, Chat(tokenizer), train_on)
   elif format == "prompt_completion":
-    example = _prompt_completion_example(row, tokenizer, train_on, add_eos)
+    example = prompt_completion_example(row, tokenizer, train_on, add_eos)
   else:
     example = _text_example(row, tokenizer, add_eos)
   if example.num_targets == 0:

@@ -63,8 +63,8 @@ import numpy as np
 
 from jaxpost.data.errors import (EMPTY, MISSING_FIELD, TEMPLATE, WRONG_TYPE, DataError,
                                  field_error)
-from jaxpost.data.formats import (Example, _Chat, _get, _messages, _prompt_completion_example,
-                                  _string)
+from jaxpost.data.formats import (Chat, Example, check_messages, check_string, get_field,
+                                  prompt_completion_example)
 from jaxpost.data.packing import make_rows
 from jaxpost.data.pipeline import pad_id_of
 from jaxpost.data.preference_iterator import PreferenceIterator, PreferenceStats
@@ -164,7 +164,7 @@ class Unpaired:
 
 def _prompt(value: Any) -> str | list[dict[str, Any]]:
   if isinstance(value, list):
-    return _messages(value, "prompt")
+    return check_messages(value, "prompt")
   if not isinstance(value, str):
     raise field_error(WRONG_TYPE, "prompt", f"should be a string or a list of messages, got "
                       f"{type(value).__name__}")
@@ -179,14 +179,14 @@ def _completion(value: Any, field: str, *, conversational: bool,
     if not isinstance(value, str):
       kinds = "a string or a list of assistant messages" if conversational else "a string"
       raise field_error(WRONG_TYPE, field, f"should be {kinds}, got {type(value).__name__}")
-    return _string(value, field)
+    return check_string(value, field)
   if not conversational:
     raise field_error(WRONG_TYPE, field, "should be a string, as 'prompt' is, got list (make "
                       "'prompt' a list of messages for conversational data)")
   if not value:
     raise field_error(EMPTY, field, "is empty")
   # An implicit prompt's remainder was checked whole already (with its indices in the row).
-  messages = _messages(value, field) if offset == 0 else value
+  messages = check_messages(value, field) if offset == 0 else value
   for i, message in enumerate(messages, start=offset):
     if message["role"] != "assistant":
       raise field_error(WRONG_TYPE, f"{field}[{i}].role",
@@ -219,8 +219,8 @@ def _identical() -> DataError:
 def _tokenize_side(prompt: Any, prompt_ids: list[int], completion: Any,
                    tokenizer: Tokenizer) -> Example:
   """The sequence SFT's prompt + completion format gives (checked to start with `prompt_ids`)."""
-  example = _prompt_completion_example({"prompt": prompt, "completion": completion}, tokenizer,
-                                       "completion", add_eos=True)
+  example = prompt_completion_example({"prompt": prompt, "completion": completion}, tokenizer,
+                                      "completion", add_eos=True)
   if example.tokens[:len(prompt_ids)].tolist() != prompt_ids:
     raise DataError(TEMPLATE, "field 'prompt': the prompt's tokens change when a completion "
                     "follows it", field="prompt")
@@ -229,7 +229,7 @@ def _tokenize_side(prompt: Any, prompt_ids: list[int], completion: Any,
 
 def _prompt_ids(prompt: str | list[dict[str, Any]], tokenizer: Tokenizer) -> list[int]:
   if isinstance(prompt, list):
-    return _Chat(tokenizer).ids(prompt, add_generation_prompt=True)
+    return Chat(tokenizer).ids(prompt, add_generation_prompt=True)
   return tokenizer.encode(prompt)
 
 
@@ -241,16 +241,16 @@ def to_pair(row: Mapping[str, Any], tokenizer: Tokenizer) -> Pair:
       rejects the conversation; its `where` is unset (`tokenize_pairs` adds it).
     ValueError: conversational data and a tokenizer without a chat template.
   """
-  chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
+  chosen, rejected = get_field(row, "chosen"), get_field(row, "rejected")
   offset = 0
   if row.get("prompt") is None and isinstance(chosen, list) and isinstance(rejected, list):
-    chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    chosen, rejected = check_messages(chosen, "chosen"), check_messages(rejected, "rejected")
     if chosen == rejected:
       raise _identical()
     prompt, offset = _split_prompt(chosen, rejected)
     chosen, rejected = chosen[offset:], rejected[offset:]
   else:
-    prompt = _prompt(_get(row, "prompt"))
+    prompt = _prompt(get_field(row, "prompt"))
   conversational = isinstance(prompt, list)
   chosen = _completion(chosen, "chosen", conversational=conversational, offset=offset)
   rejected = _completion(rejected, "rejected", conversational=conversational, offset=offset)
@@ -266,7 +266,8 @@ def to_pair(row: Mapping[str, Any], tokenizer: Tokenizer) -> Pair:
 
 def to_unpaired(row: Mapping[str, Any], tokenizer: Tokenizer) -> Unpaired:
   """One KTO row {"prompt", "completion", "label"} -> `Unpaired` (raises like `to_pair`)."""
-  prompt, completion, label = _get(row, "prompt"), _get(row, "completion"), _get(row, "label")
+  prompt, completion = get_field(row, "prompt"), get_field(row, "completion")
+  label = get_field(row, "label")
   if not isinstance(label, (bool, np.bool_)):
     raise field_error(WRONG_TYPE, "label", f"should be a bool (true: desirable, false: "
                       f"undesirable), got {type(label).__name__} {label!r}")
@@ -348,6 +349,12 @@ def _mismatched(prompt_of: Unpaired, completion_of: Unpaired, max_length: int) -
   return Example(tokens, mask)
 
 
+def _check_kto_batch_size(batch_size: int) -> None:
+  if batch_size < 2:
+    raise ValueError(f"KTO batches need batch_size >= 2 (the KL baseline pairs each prompt with "
+                     f"another row's completion), got {batch_size}.")
+
+
 def kto_batch(items: Sequence[Unpaired | None], seq_len: int, *, pad_id: int = 0,
               max_length: int | None = None) -> dict[str, np.ndarray]:
   """Unpaired rows (None: padding) -> arrays [B, seq_len], `label` [B] and the `kl_` arrays.
@@ -357,9 +364,7 @@ def kto_batch(items: Sequence[Unpaired | None], seq_len: int, *, pad_id: int = 0
   (which a long prompt may leave empty). A lone real row is paired with its own completion.
   """
   B = len(items)
-  if B < 2:
-    raise ValueError(f"KTO batches need batch_size >= 2 (the KL baseline pairs each prompt with "
-                     f"another row's completion), got {B}.")
+  _check_kto_batch_size(B)
   real = [i for i, item in enumerate(items) if item is not None]
   limit = seq_len if max_length is None else min(max_length, seq_len)
   examples = [item.example for item in items if item is not None]
@@ -380,8 +385,8 @@ def kto_batch(items: Sequence[Unpaired | None], seq_len: int, *, pad_id: int = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(tokenize, collate, path, tokenizer: Tokenizer, *, split: str, on_bad_row: str,
-           **iterator_kwargs) -> PreferenceIterator:
+def _build(tokenize, collate, path, tokenizer: Tokenizer, *, split: str = "train",
+           on_bad_row: str = "error", **iterator_kwargs) -> PreferenceIterator:
   """Rows of `path` -> `tokenize` -> a `PreferenceIterator` of `collate` batches."""
   tokenized = tokenize(read_rows(path, split=split), tokenizer, on_bad_row=on_bad_row)
   return PreferenceIterator(tokenized, collate=collate, pad_id=pad_id_of(tokenizer),
@@ -425,29 +430,12 @@ def build_preference_batches(
                 drop_remainder=drop_remainder, epochs=epochs, state=state)
 
 
-def build_kto_batches(
-    path: str | Path | Any,
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    max_prompt_length: int | None = None,
-    max_length: int | None = None,
-    seed: int = 0,
-    on_bad_row: str = "error",
-    shuffle: bool = True,
-    epochs: int | None = None,
-    drop_remainder: bool = True,
-    state: Mapping[str, Any] | None = None,
-    split: str = "train",
-) -> PreferenceIterator:
+def build_kto_batches(path: str | Path | Any, tokenizer: Tokenizer, *, seq_len: int,
+                      batch_size: int, **kwargs: Any) -> PreferenceIterator:
   """KTO batches ([B, T] arrays, `label`, `kl_` arrays; see the module docstring) from rows
-  {"prompt", "completion", "label"}. Arguments as `build_preference_batches`; batch_size >= 2.
+  {"prompt", "completion", "label"}. Arguments (and their defaults) as
+  `build_preference_batches`'; batch_size >= 2.
   """
-  if batch_size < 2:
-    raise ValueError(f"KTO batches need batch_size >= 2 (the KL baseline pairs each prompt with "
-                     f"another row's completion), got {batch_size}.")
-  return _build(tokenize_unpaired, kto_batch, path, tokenizer, split=split,
-                on_bad_row=on_bad_row, batch_size=batch_size, seq_len=seq_len,
-                max_length=max_length, max_prompt_length=max_prompt_length, shuffle=shuffle,
-                seed=seed, drop_remainder=drop_remainder, epochs=epochs, state=state)
+  _check_kto_batch_size(batch_size)
+  return _build(tokenize_unpaired, kto_batch, path, tokenizer, seq_len=seq_len,
+                batch_size=batch_size, **kwargs)

@@ -1,0 +1,202 @@
+"""`EpochIterator`: the epoch schedule shared by SFT and preference batches, exactly resumable.
+
+Data are held in memory as `num_items` items (examples, pairs, KTO rows). Epoch e takes them in
+the order
+
+    order_e = np.random.default_rng([seed, e]).permutation(num_items)   (shuffle)
+            = arange(num_items)                                          (no shuffle)
+
+and a subclass turns that order into the epoch's units (`_units`: the items themselves, or rows
+packed from them). Batch i of the epoch is units[i * B:(i + 1) * B] (B = batch_size), laid out
+by the subclass (`_collate`). Each epoch is batched on its own: with `drop_remainder` its last
+partial batch is dropped, without it the short list of units goes to `_collate`, which pads it
+to B, so every batch has the same shape and a jitted step compiles once. An epoch thus yields
+
+    batches_in_epoch(e) = floor(len(units_e) / B)   (drop_remainder)
+                        = ceil(len(units_e) / B)    (otherwise)
+
+Everything is a pure function of (data, settings, seed, epoch), so the state is just (epoch,
+batches taken in it) and a fingerprint of the data and settings: a restored iterator
+recomputes the epoch's units and yields exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpost.data.formats import Example
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputStats:
+  """What went into the batches: the part of `DataStats` and `PreferenceStats` they share.
+
+  examples: items batched (SFT examples, pairs, KTO rows); tokens, target_tokens: over every
+  sequence (both sides of a pair); skipped_rows: rows skipped, by reason; truncated_examples,
+  truncated_tokens, dropped_examples: what truncation cut.
+  """
+
+  examples: int
+  tokens: int
+  target_tokens: int
+  skipped_rows: dict[str, int]
+  truncated_examples: int
+  truncated_tokens: int
+  dropped_examples: int
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def fingerprint_of(settings: Sequence[Any], chunks: Iterable[bytes]) -> str:
+  """16 hex digits of sha256(json(settings), then every chunk): what `state()` records of the
+  data and settings, so that `restore` refuses a state saved over others."""
+  digest = hashlib.sha256(json.dumps(list(settings)).encode())
+  for chunk in chunks:
+    digest.update(chunk)
+  return digest.hexdigest()[:16]
+
+
+def example_bytes(example: Example) -> Iterator[bytes]:
+  """An example's bytes for `fingerprint_of`: its tokens, then its loss mask bit-packed."""
+  yield example.tokens.tobytes()
+  yield np.packbits(example.loss_mask).tobytes()
+
+
+class EpochIterator(Iterator[dict[str, np.ndarray]]):
+  """Fixed-shape batches over epochs (the module docstring's schedule); `state` / `restore`.
+
+  A subclass sets up its data and settings, hashes them (`fingerprint_of`), calls
+  `EpochIterator.__init__`, and defines
+    `_units(order)`: the epoch's units from its item order (default: the order itself);
+    `_collate(units)`: one batch from at most `batch_size` units (padding it to `batch_size`).
+  `_NAME` names the iterator in `restore`'s errors and `_RESUME_NEEDS` lists what must be the
+  same to resume; `_unit` names the units in the error for an epoch without a batch.
+
+  Args:
+    num_items: how many items are ordered in each epoch.
+    batch_size: units per batch.
+    shuffle: a new order every epoch, from `seed` and the epoch number; else data order.
+    drop_remainder: drop each epoch's last partial batch; else `_collate` pads it.
+    epochs: stop after this many epochs; None: never stop.
+    fingerprint: the hash of the data and settings (`fingerprint_of`), saved by `state` and
+      checked by `restore`.
+    state: a `state()` to resume from (same as calling `restore`).
+
+  Raises:
+    ValueError: epoch 0 makes no batch (fewer units than `batch_size` with `drop_remainder`),
+      or `state` cannot be restored.
+  """
+
+  _NAME = "data"
+  _RESUME_NEEDS = "data and settings"
+  _unit = "items"
+
+  def __init__(self, num_items: int, *, batch_size: int, shuffle: bool, seed: int,
+               drop_remainder: bool, epochs: int | None, fingerprint: str,
+               state: Mapping[str, Any] | None) -> None:
+    self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+    self.drop_remainder, self.epochs = drop_remainder, epochs
+    self._num_items, self._fingerprint = num_items, fingerprint
+    self._units_cache: tuple[int, Sequence[Any]] | None = None
+    self._epoch, self._batch = 0, 0
+    if self.batches_in_epoch(0) == 0:
+      raise ValueError(self._too_few(0))
+    if state is not None:
+      self.restore(state)
+
+  # -- the schedule ------------------------------------------------------------------------------
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """The items' order in `epoch`: int [num_items]."""
+    if not self.shuffle:
+      return np.arange(self._num_items)
+    return np.random.default_rng([self.seed, epoch]).permutation(self._num_items)
+
+  def _units(self, order: np.ndarray) -> Sequence[Any]:
+    """An epoch's units, in batching order, from its item order."""
+    return order
+
+  @abc.abstractmethod
+  def _collate(self, units: Sequence[Any]) -> dict[str, np.ndarray]:
+    """One batch from `units` (fewer than `batch_size` in a final partial batch)."""
+
+  def _epoch_units(self, epoch: int) -> Sequence[Any]:
+    """`_units(_order(epoch))`, cached for the epoch being iterated."""
+    if self._units_cache is None or self._units_cache[0] != epoch:
+      self._units_cache = (epoch, self._units(self._order(epoch)))
+    return self._units_cache[1]
+
+  def _count_batches(self, units: int) -> int:
+    """Batches an epoch of `units` units makes."""
+    return units // self.batch_size if self.drop_remainder else -(-units // self.batch_size)
+
+  def batches_in_epoch(self, epoch: int) -> int:
+    """Number of batches epoch `epoch` yields (constant unless packing a shuffled order)."""
+    return self._count_batches(len(self._epoch_units(epoch)))
+
+  def _too_few(self, epoch: int) -> str:
+    return (f"Epoch {epoch} has {len(self._epoch_units(epoch))} {self._unit}, fewer than "
+            f"batch_size={self.batch_size}; lower batch_size or use drop_remainder=False.")
+
+  def __iter__(self) -> EpochIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while self.epochs is None or self._epoch < self.epochs:
+      if self._batch < self.batches_in_epoch(self._epoch):
+        start = self._batch * self.batch_size
+        batch = self._collate(self._epoch_units(self._epoch)[start:start + self.batch_size])
+        self._batch += 1
+        return batch
+      if self._batch == 0:
+        raise RuntimeError(self._too_few(self._epoch))
+      self._epoch, self._batch = self._epoch + 1, 0
+    raise StopIteration
+
+  # -- exact resume --------------------------------------------------------------------------------
+
+  @property
+  def fingerprint(self) -> str:
+    """A hash of the data and of every setting that changes the batches."""
+    return self._fingerprint
+
+  def state(self) -> dict[str, Any]:
+    """Where the iterator is, as JSON-serialisable values: the epoch, the batches already
+    taken in it, and a fingerprint of the data and settings (checked by `restore`)."""
+    return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
+            "seed": self.seed, "fingerprint": self._fingerprint}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    """Continues from `state` (from `state()` of an iterator over the same data and settings).
+
+    Raises:
+      ValueError: the state is from another version, other data or other settings.
+    """
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"Cannot restore a {self._NAME} iterator state of version "
+                       f"{state.get('version')!r}; this is version {STATE_VERSION}.")
+    if state.get("fingerprint") != self._fingerprint:
+      raise ValueError(f"The {self._NAME} iterator state was saved over other data or settings "
+                       f"(its fingerprint differs): the same {self._RESUME_NEEDS} are needed to "
+                       "resume exactly.")
+    self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+  @property
+  def num_examples(self) -> int:
+    """How many items are batched each epoch."""
+    return self._num_items
+
+  @property
+  def epoch(self) -> int:
+    """The epoch the next batch comes from."""
+    return self._epoch + (self._batch >= self.batches_in_epoch(self._epoch))
