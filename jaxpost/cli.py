@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import random
 import sys
 import time
 from pathlib import Path
+
+from jaxpost.chat_template import ChatTemplateError
+from jaxpost.errors import TrainingError
 
 
 def _demo_corpus(n: int = 2000, seed: int = 0) -> list[str]:
@@ -132,6 +136,8 @@ def _cmd_plot(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxpost", description=__doc__.split("\n")[0])
+  parser.add_argument("--debug", action="store_true",
+                      help="show the full traceback of an error")
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train from a YAML recipe, with key.path=value overrides")
   train.add_argument("config")
@@ -165,13 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def error_message(e: BaseException) -> str:
+  """One line for a user-facing error: ours name the file, key, row or step already; an
+  `OSError` is given its path and what to check; anything else is an internal error."""
+  if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free disk space (or point run_dir elsewhere) and rerun",
+            errno.EACCES: "check the folder's permissions, or choose another run_dir",
+            errno.EROFS: "the file system is read-only: choose another run_dir",
+            errno.ENOTDIR: "a file stands where a folder is needed: move it or choose another "
+                           "path",
+            errno.EISDIR: "a folder stands where a file is needed"}.get(e.errno, "")
+    return f"{what}: {e.filename}" + (f"; {hint}" if hint else "")
+  if isinstance(e, (ValueError, OSError, TrainingError, ChatTemplateError)):
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+  return (f"internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]}); rerun with "
+          "--debug for the traceback and please report it")
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs the command; every error ends in one line `jaxpost: error: ...` and exit status 2
+  (1 for an internal error), with the traceback only under `--debug`."""
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError) as e:  # our errors name the file, key or tensor
-    print(f"jaxpost: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    print("jaxpost: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug:
+      raise
+    print(f"jaxpost: error: {error_message(e)}", file=sys.stderr)
+    known = isinstance(e, (ValueError, OSError, TrainingError, ChatTemplateError))
+    return 2 if known else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import functools
 from jaxpost.algorithms.base import Algorithm
 from jaxpost.algorithms.preference import preference_batches
 from jaxpost.reward import reward_loss, reward_param_specs, save_reward_model_hf, with_score_head
-from jaxpost.train.errors import TrainingError
+from jaxpost.errors import TrainingError
 
 
 def reward_pad_id(run) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -215,6 +216,9 @@ class _Builder:
       if isinstance(value, float) and value.is_integer():
         return int(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      if not math.isfinite(value):
+        raise ConfigError(f"invalid value {value!r} for '{key}' in {self.origin(key)}: it must "
+                          "be a finite number")
       return float(value)
     if hint is str and isinstance(value, str):
       return value

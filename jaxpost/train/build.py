@@ -31,7 +31,7 @@ from jaxpost.config import RunConfig
 from jaxpost.models import load_hf, param_specs
 from jaxpost.tasks.source import data_source
 from jaxpost.tokenizer import Tokenizer, load_tokenizer
-from jaxpost.train.errors import TrainingError
+from jaxpost.errors import TrainingError
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
 from jaxpost.train.trainable import Trainable, make_trainable, trainable_loss
@@ -140,10 +140,13 @@ class Run:
     return [d for d in (final, out_dir / "adapter") if d.exists()]
 
 
-def _model_dir(cfg: RunConfig, run_dir: Path, data) -> Path:
+def _model_dir(cfg: RunConfig, run_dir: Path, data, *, create: bool) -> Path:
   if cfg.model.tiny:
     model_dir = run_dir / "model"
     if not (model_dir / "config.json").exists():
+      if not create:
+        raise TrainingError(f"{model_dir} is missing: this run's tiny model (model.tiny=true) "
+                            "was never made, or was removed")
       from jaxpost import tiny  # pylint: disable=import-outside-toplevel
       m = cfg.model
       tiny.make_model(model_dir, data.corpus(), seed=cfg.train.seed,
@@ -160,13 +163,13 @@ def _model_dir(cfg: RunConfig, run_dir: Path, data) -> Path:
 
 def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = True) -> Run:
   """Builds the run of `cfg` (see the module docstring). `training=False` (export, eval) keeps
-  no copy of the reference model."""
+  no copy of the reference model and writes nothing (a missing tiny model is an error)."""
   run_dir = Path(cfg.run_dir)
   sharding_lib.initialize_distributed(cfg.distributed.coordinator_address,
                                       cfg.distributed.num_processes, cfg.distributed.process_id)
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   data = data_source(cfg, run_dir)
-  model_dir = _model_dir(cfg, run_dir, data)
+  model_dir = _model_dir(cfg, run_dir, data, create=training)
   config, params = load_hf(model_dir, dtype=jnp.dtype(cfg.model.dtype), mesh=mesh)
   compute_dtype = jnp.dtype(cfg.model.compute_dtype) if cfg.model.compute_dtype else None
   run = Run(cfg=cfg, run_dir=run_dir, model_dir=model_dir, config=config,

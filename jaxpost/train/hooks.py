@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 
 from jaxpost.metrics import MetricWriter, ProgressBar
-from jaxpost.train.errors import TrainingError
+from jaxpost.errors import TrainingError
 
 
 class Metrics:
@@ -27,6 +27,7 @@ class Metrics:
     self.max_bad_steps, self.headline, self.on_step = max_bad_steps, headline, on_step
     self.pending = None  # the last step's info, its metrics not fetched yet
     self.last: dict[str, float] = {}  # the last fetched step's metrics and held-out results
+    self.skipped = 0  # steps not applied (non-finite), in this process's run
 
   def after_step(self, info) -> None:
     if self.pending is not None:
@@ -42,6 +43,7 @@ class Metrics:
     step = info.step
     values = {f"train/{k}": float(v) for k, v in jax.device_get(info.metrics).items()}
     bad = int(values.pop("train/bad_steps"))
+    self.skipped += int(values.get("train/skipped", 0))
     if self.max_bad_steps and bad >= self.max_bad_steps:
       raise TrainingError(
           f"{bad} consecutive steps had a non-finite loss or gradient (the last at step {step}); "

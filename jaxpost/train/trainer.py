@@ -21,7 +21,7 @@ from jaxpost.config import RunConfig, save_config
 from jaxpost.metrics import MetricWriter, ProgressBar
 from jaxpost.train.build import AlgorithmArg, Run, build, log
 from jaxpost.train.checkpoint import Checkpointer
-from jaxpost.train.errors import TrainingError
+from jaxpost.errors import TrainingError
 from jaxpost.train.hooks import Checkpoint, Evaluate, Metrics, evaluate
 from jaxpost.train.loop import loop
 
@@ -56,7 +56,6 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   """
   run = build(cfg, algorithm)
   log(run.trainable.describe)
-  save_config(cfg, run.run_dir / "config.yaml")
   state, frozen = run.init_state()
   t, a = cfg.train, run.algorithm
   start_policy = run.policy(state.params, frozen)
@@ -73,6 +72,9 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
         abstract, fallback=cfg.checkpoint.fallback_on_corrupt)
     source.restore(data_state)
     log(f"resumed from {checkpointer.directory} at step {start}")
+  # Only a run that can start replaces config.yaml: a mistyped re-run fails above and leaves
+  # the earlier run's config (which `jaxpost export` reads) as it was.
+  save_config(cfg, run.run_dir / "config.yaml")
 
   summary: dict[str, Any] = {"run_dir": str(run.run_dir), "headline": f"eval/{a.headline}"}
   if start == 0 and (before := _exact_match(run, state, frozen)) is not None:
@@ -95,11 +97,20 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
     writer.close()
     bar.close()
   elapsed = time.perf_counter() - t0
+  if (bad := int(state.bad_steps)) > 0:  # the final state is not the result of t.steps steps
+    raise TrainingError(
+        f"the last {bad} of {t.steps} steps had a non-finite loss or gradient and were not "
+        f"applied ({metrics.skipped} skipped in this run): the model is step {t.steps - bad}'s, "
+        "so nothing was exported and no final checkpoint written. Lower optim.lr or check the "
+        "data, then rerun with more train.steps to continue from the last checkpoint.")
+  if metrics.skipped:
+    log(f"warning: {metrics.skipped} steps were skipped (non-finite loss or gradient)")
 
   if jax.process_index() == 0:
     run.export(state.params, frozen, run.run_dir)
   summary.update(final_metrics=metrics.last, final_model=str(run.run_dir / "final"),
-                 steps=t.steps, seconds=elapsed, start_step=start)
+                 steps=t.steps, seconds=elapsed, start_step=start,
+                 skipped_steps=metrics.skipped)
   if (after := _exact_match(run, state, frozen)) is not None:
     summary["exact_match_after"] = after
   checkpointer.close()
