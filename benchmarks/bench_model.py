@@ -48,7 +48,7 @@ import numpy as np
 import optax
 
 from jaxpost.losses import sft_loss
-from jaxpost.models import ModelConfig, forward, init_params
+from jaxpost.models import ModelConfig, forward, init_params, num_params
 from jaxpost.train import init_state, make_train_step
 
 # The benchmark shape: Llama-style GQA (3 query heads per KV head), SwiGLU MLP, untied head.
@@ -109,7 +109,7 @@ class Results:
     return {
         "machine": self.machine,
         "config": config,
-        "num_params": self.config.num_params(),
+        "num_params": num_params(self.config),
         "matmul_params": matmul_params(self.config),
         "settings": settings,
         "ceiling_gflop_per_s": self.ceiling_gflop_per_s,
@@ -487,7 +487,7 @@ def run(s: Settings) -> Results:
   config = s.config
   log = functools.partial(print, file=sys.stderr, flush=True)
   log(f"machine: {machine_line(machine)}")
-  log(f"model: {config.num_params():,} parameters ({matmul_params(config):,} in matmuls)")
+  log(f"model: {num_params(config):,} parameters ({matmul_params(config):,} in matmuls)")
 
   cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
   log("matmul ceiling ...")
@@ -531,7 +531,7 @@ def report(results: Results) -> str:
       f"Model: Llama-shaped, vocab {c.vocab_size}, hidden {c.hidden_size}, "
       f"{c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} KV heads "
       f"(head_dim {c.head_dim}), MLP {c.intermediate_size}, "
-      f"{'tied' if c.tie_embeddings else 'untied'}, f32: {c.num_params():,} parameters "
+      f"{'tied' if c.tie_embeddings else 'untied'}, f32: {num_params(c):,} parameters "
       f"({matmul_params(c):,} in matmuls).",
       f"Ceiling: {results.ceiling_gflop_per_s:.1f} GFLOP/s (best f32 matmul, start "
       f"{start:.1f} / end {end:.1f}; MFU is relative to it). CPU used by other processes "

@@ -50,7 +50,7 @@ import optax
 from bench_model import (BASE_CONFIG, _cpu_seconds, _fmt, bench_matmul, machine_info,
                          machine_line, time_calls)
 from jaxpost.losses import sft_loss
-from jaxpost.models import init_params
+from jaxpost.models import init_params, num_params
 from jaxpost.peft import (LoraConfig, dequantize_params, init_lora, lora_loss,
                           quantize_params)
 from jaxpost.peft.quant import TARGETS, is_quantized
@@ -219,7 +219,7 @@ def run(variants: Sequence[str], reps: int, batch: int, seq_len: int) -> dict[st
   if busy0 and busy1:
     load = max((busy1[0] - busy0[0]) - (busy1[1] - busy0[1]), 0.0) / (wall * os.cpu_count())
   machine["other_load"] = load
-  return {"machine": machine, "config": {"num_params": BASE_CONFIG.num_params(),
+  return {"machine": machine, "config": {"num_params": num_params(BASE_CONFIG),
                                          "vocab": BASE_CONFIG.vocab_size,
                                          "hidden": BASE_CONFIG.hidden_size,
                                          "layers": BASE_CONFIG.num_layers},

@@ -58,6 +58,8 @@ from bench_model import (_cpu_seconds, forward_flops_per_token, generate_flops,
                          layer_matmul_params, machine_line, matmul_params)
 from jaxpost_worker import jaxpost_config
 
+from jaxpost.models import num_params
+
 TUNIX_VERSION = "0.1.7"
 DEFAULT_TUNIX_VENV = os.path.join(HERE, ".tunix-venv")
 FRAMEWORKS = ("jaxpost", "tunix", "pytorch")
@@ -540,7 +542,7 @@ def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
       f"layers, {m['num_heads']} heads / {m['num_kv_heads']} KV heads (head_dim "
       f"{m['head_dim']}), MLP {m['intermediate_size']}, "
       f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings, float32: "
-      f"{config.num_params():,} parameters ({matmul_params(config):,} in matmuls, "
+      f"{num_params(config):,} parameters ({matmul_params(config):,} in matmuls, "
       f"{layer_matmul_params(config):,} in the layers). LoRA adapters: "
       f"{lora_matmul_params(config, LORA['rank'], LORA['targets']):,} parameters.")
   runs_text = (f"**Runs:** {s.rounds} round(s); per worker {s.train_warmup} warm-up + "
@@ -603,7 +605,7 @@ def write_plot(path: str, s: Settings, rows: list[dict]) -> None:
     ax.set_ylabel(f"{w.unit} / s", fontsize=8)
     ax.tick_params(labelsize=8)
     ax.set_ylim(0, max(values + [1.0]) * 1.25)
-  n_params = jaxpost_config(s.model).num_params()
+  n_params = num_params(jaxpost_config(s.model))
   size = f"{'tiny, ' if s.tiny else ''}{n_params / 1e6:.1f}M-parameter model"
   fig.suptitle(f"Throughput, {size}, float32 (median over {s.rounds} round(s); higher is "
                "better)", fontsize=10)

@@ -36,7 +36,7 @@ def _generate(model_dir: Path, prompt: str, *, max_new_tokens: int, temperature:
   import jax  # pylint: disable=import-outside-toplevel
 
   from jaxpost.data import pad_id_of  # pylint: disable=import-outside-toplevel
-  from jaxpost.models import load_hf  # pylint: disable=import-outside-toplevel
+  from jaxpost.models import load_hf, num_params  # pylint: disable=import-outside-toplevel
   from jaxpost.sampling import generate  # pylint: disable=import-outside-toplevel
   from jaxpost.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
@@ -60,7 +60,7 @@ def _generate(model_dir: Path, prompt: str, *, max_new_tokens: int, temperature:
   steady = time.perf_counter() - t0
   n = int(out.lengths[0])
   text = tokenizer.decode([int(t) for t in out.tokens[0, :n]], skip_special_tokens=True)
-  print(f"model: {model_dir} ({config.model_type}, {config.num_params() / 1e6:.2f}M parameters)")
+  print(f"model: {model_dir} ({config.model_type}, {num_params(config) / 1e6:.2f}M parameters)")
   print(f"prompt: {prompt!r}")
   print(f"completion: {text!r}")
   print(f"{n} tokens; first call {first:.2f}s (with compilation), "

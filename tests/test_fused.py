@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +21,6 @@ from jaxpost.losses.fused_nll import token_nll
 from jaxpost.models import ModelConfig, forward, init_params
 from jaxpost.models.weights import dense
 from jaxpost.peft import LoraConfig, attach_lora, init_lora
-
-
-def _max_err(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize("eqn,x_shape,w_shape", [
@@ -46,11 +42,10 @@ def test_dense_gradients_equal_einsum_autodiff(eqn, x_shape, w_shape, dtype, pre
   ref = functools.partial(jnp.einsum, eqn, preferred_element_type=preferred)
   ours = lambda x, w: dense(eqn, x, w, preferred and jnp.dtype(preferred))  # noqa: E731
   y_ref, y = ref(x, w), ours(x, w)
-  assert y.dtype == y_ref.dtype and _max_err(y, y_ref) == 0.0
+  chex.assert_trees_all_equal(y, y_ref, strict=True)  # strict: the dtypes too
   g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(x, w)
   g = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(x, w)
-  assert [a.dtype for a in g] == [a.dtype for a in g_ref]
-  assert _max_err(g, g_ref) == 0.0
+  chex.assert_trees_all_equal(g, g_ref, strict=True)
 
 
 def _config(tied: bool, softcap) -> ModelConfig:
@@ -84,13 +79,13 @@ def test_fused_sft_loss_and_gradients_equal_plain_autodiff(tied, softcap, chunk,
   l_plain, g_plain = loss_and_grad(params, False, None)
   l_fused, g_fused = loss_and_grad(params, True, None)
   assert abs(float(l_fused - l_plain)) < 2e-6
-  assert _max_err(g_fused, g_plain) < 2e-7
+  chex.assert_trees_all_close(g_fused, g_plain, atol=2e-7, rtol=0)
   # undifferentiated (evaluation) calls take the loss-only path
   evaluate = jax.jit(lambda p: sft_loss(p, batch, None, config=config, chunk=chunk)[0])
   assert abs(float(evaluate(params) - l_plain)) < 2e-6
   if dtype:  # same up to the rounding of low-precision gradients
-    assert _max_err(loss_and_grad(params, True, dtype)[1],
-                    loss_and_grad(params, False, dtype)[1]) < 5e-3
+    chex.assert_trees_all_close(loss_and_grad(params, True, dtype)[1],
+                                loss_and_grad(params, False, dtype)[1], atol=5e-3, rtol=0)
 
 
 def test_token_nll_with_a_lora_head_takes_the_plain_route_and_agrees():
@@ -110,7 +105,7 @@ def test_token_nll_with_a_lora_head_takes_the_plain_route_and_agrees():
     return -jnp.sum(target_logprobs(config, p, hidden, batch["targets"]) * mask)
 
   grad = jax.jit(jax.grad(nll), static_argnums=1)
-  assert _max_err(grad(adapters, True), grad(adapters, False)) < 1e-7
+  chex.assert_trees_all_close(grad(adapters, True), grad(adapters, False), atol=1e-7, rtol=0)
 
 
 def _dots(fn, *args) -> list[list[tuple]]:

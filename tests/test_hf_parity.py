@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +90,7 @@ def test_save_load_roundtrip_and_transformers_reads_it(family_ckpt, tmp_path):
   save_hf(config, params, tmp_path / "out")
   config2, params2 = load_hf(tmp_path / "out")
   assert config2 == config
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(params, params2)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
                                                                 attn_implementation="eager")
   tokens, positions = _tokens_positions(2)
@@ -107,8 +107,7 @@ def test_sharded_save_writes_index_and_reloads(tmp_path):
   assert len(set(index["weight_map"].values())) > 2
   assert not (tmp_path / "sharded" / "model.safetensors").exists()
   _, params2 = load_hf(tmp_path / "sharded")
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(params, params2)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager")
   tokens, positions = _tokens_positions()
   np.testing.assert_array_equal(_hf_logits(reloaded.eval(), tokens, positions),

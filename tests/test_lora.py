@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,7 @@ def base():
 def test_zero_initialised_adapters_reproduce_the_base_exactly(base):
   adapters = init_lora(CONFIG, LORA, jax.random.key(1))
   merged = merge_lora(base, adapters, LORA)
-  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(merged)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(base, merged)
   tokens = jnp.arange(16)[None] % CONFIG.vocab_size
   f = jax.jit(forward, static_argnums=0)
   np.testing.assert_array_equal(f(CONFIG, base, tokens).logits, f(CONFIG, merged, tokens).logits)
@@ -119,8 +119,7 @@ def test_peft_format_round_trip_and_peft_library_gives_the_same_logits(tmp_path,
   save_peft_adapter(config, lora, adapters, tmp_path / "adapter")
   lora2, adapters2 = load_peft_adapter(config, tmp_path / "adapter")
   assert lora2 == lora
-  for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters2)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(adapters, adapters2)
 
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 24)))
   merged = forward(config, merge_lora(params, adapters, lora), tokens).logits

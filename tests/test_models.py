@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxpost.models import (CheckpointError, ConfigError, ModelConfig, forward, init_cache,
-                            init_params, load_hf, logical_axes, param_shapes, save_hf,
-                            unstack_layers)
+                            init_params, load_hf, logical_axes, num_params, param_shapes,
+                            save_hf, unstack_layers)
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 GOLDEN = Path(__file__).parent / "golden" / "llama"
@@ -48,7 +49,7 @@ def test_params_carry_logical_axes_matching_their_shapes(tiny):
   for p, a in zip(leaves, axis_leaves):
     assert len(a) == p.ndim
   assert axes["layers"]["attn"]["q"] == ("layers", "embed", "heads", "head_dim")
-  assert config.num_params() == sum(p.size for p in leaves)
+  assert num_params(config) == sum(p.size for p in leaves)
 
 
 def test_packed_rows_never_attend_across_examples(tiny, fwd):
@@ -95,8 +96,20 @@ def test_hidden_states_and_remat(tiny, fwd):
   loss = lambda p, remat: forward(config, p, tokens, remat=remat).logits.mean()  # noqa: E731
   g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
   g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, atol=1e-7)
+  chex.assert_trees_all_close(g1, g2, atol=1e-7, rtol=0)
+
+
+def test_wrong_input_shapes_are_named_at_trace_time(tiny, fwd):
+  config, params = tiny
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  with pytest.raises(AssertionError, match=r"forward: tokens must be \[B, T\]"):
+    fwd(config, params, tokens[0])
+  with pytest.raises(AssertionError, match=r"forward: positions must be \[B, T\]"):
+    fwd(config, params, tokens, positions=jnp.arange(6))  # [T] would broadcast silently
+  with pytest.raises(AssertionError, match=r"forward: segment_ids must be \[B, T\]"):
+    fwd(config, params, tokens, segment_ids=jnp.ones((2, 5), jnp.int32))
+  with pytest.raises(AssertionError, match=r"forward: embeddings must be \[B, T, hidden_size\]"):
+    forward(config, params, None, embeddings=jnp.zeros((2, 6, 3)))
 
 
 def test_unstacked_layers_give_the_same_outputs(tiny, fwd):
@@ -212,8 +225,7 @@ def test_init_save_load_is_exact_and_dtype_cast(saved):
   config, params = load_hf(saved)
   assert config == LLAMA
   ref = init_params(LLAMA, jax.random.key(1))
-  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(ref, params)
   _, p16 = load_hf(saved, dtype=jnp.bfloat16)
   assert p16["layers"]["attn"]["q"].dtype == jnp.bfloat16
 

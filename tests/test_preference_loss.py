@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,9 +165,7 @@ def test_matches_numpy_reference_float64(loss_type, kw):
     np.testing.assert_allclose(losses, np_preference_losses(loss_type, *_np_args(loss_type, b),
                                                             **kw), rtol=1e-12, atol=1e-12)
     expected = np_preference_metrics(loss_type, *_np_args(loss_type, b), **kw)
-    assert set(metrics) == set(expected)
-    for k, v in expected.items():
-      np.testing.assert_allclose(metrics[k], v, rtol=1e-12, atol=1e-12, err_msg=k)
+    chex.assert_trees_all_close(metrics, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss_type,kw", CASES, ids=CASE_IDS)
@@ -222,9 +221,7 @@ def test_kto_matches_numpy_reference():
                   "rewards/margins": rewards[labels].mean() - rewards[~labels].mean(),
                   "logps/chosen": p[labels].mean(), "logps/rejected": p[~labels].mean(),
                   "count/chosen": labels.sum(), "count/rejected": (~labels).sum()}
-      assert set(metrics) == set(expected)
-      for k, v in expected.items():
-        np.testing.assert_allclose(metrics[k], v, rtol=1e-12, atol=1e-12, err_msg=k)
+      chex.assert_trees_all_close(metrics, expected, rtol=1e-12, atol=1e-12)
   assert shift < 0 and float(metrics["kl"]) == 0.0
 
 
@@ -417,8 +414,7 @@ def test_zero_length_rows_are_finite_and_weight_zero_ignores_them(loss_type, kw)
 
   plain_losses, plain_metrics = _loss(loss_type, b, **kw)
   np.testing.assert_allclose(np.delete(np.asarray(losses), 2), plain_losses, rtol=1e-6)
-  for k, v in plain_metrics.items():
-    np.testing.assert_allclose(metrics[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  chex.assert_trees_all_close(metrics, plain_metrics, rtol=1e-6, atol=1e-7)
 
 
 def test_weighted_mean():
@@ -462,8 +458,7 @@ def test_kto_padding_rows_and_empty_groups():
   p_losses, p_m = kto_loss(pad(p), pad(rf), pad(klp), pad(klr), pad(labels), beta=0.2,
                            weights=w)
   np.testing.assert_allclose(np.delete(np.asarray(p_losses), 3), losses, rtol=1e-6)
-  for k, v in m.items():
-    np.testing.assert_allclose(p_m[k], v, rtol=1e-6, err_msg=k)
+  chex.assert_trees_all_close(p_m, m, rtol=1e-6)
 
   for group in (True, False):  # every row desirable, then every row undesirable
     losses, m = kto_loss(p, rf, klp, klr, np.full(6, group), beta=0.2)
@@ -489,9 +484,8 @@ def test_jit(loss_type, kw):
   lengths = {"chosen_lengths": b["lc"], "rejected_lengths": b["lr"]}
   eager_losses, eager_metrics = fn(*args, **lengths)
   losses, metrics = jitted(*args, **lengths)
-  np.testing.assert_allclose(losses, eager_losses, rtol=1e-6, atol=1e-7)
-  for k, v in eager_metrics.items():
-    np.testing.assert_allclose(metrics[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  chex.assert_trees_all_close((losses, metrics), (eager_losses, eager_metrics), rtol=1e-6,
+                              atol=1e-7)
   jitted(*(x + 1.0 for x in args), **lengths)
   assert jitted._cache_size() == 1  # pylint: disable=protected-access
 
@@ -529,3 +523,14 @@ def test_argument_errors():
     preference_loss(x, x, x, x, gamma=0.5)
   with pytest.raises(ValueError, match="chosen_nll"):
     preference_loss(x, x, x, x, chosen_nll=x)
+
+
+def test_shape_errors_name_the_argument():
+  """Per-token [B, T] log-probs (not summed per sequence) would otherwise run, elementwise."""
+  x, tok_BxT = jnp.zeros(3), jnp.zeros((3, 5))
+  with pytest.raises(AssertionError, match=r"preference_loss: chosen_logps must be \[B\]"):
+    preference_loss(tok_BxT, tok_BxT, tok_BxT, tok_BxT)
+  with pytest.raises(AssertionError, match=r"weights must all be \[B\], one B"):
+    preference_loss(x, x, x, x, weights=jnp.ones(4))
+  with pytest.raises(AssertionError, match=r"kto_loss: labels must be \[B\]"):
+    kto_loss(x, x, x, x, jnp.ones((3, 1), bool))

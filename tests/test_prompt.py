@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,8 +70,7 @@ def test_prompt_round_trips_through_the_peft_format(base, kind, tmp_path):
   save_prompt(CONFIG, pc, prompt, tmp_path)
   pc2, prompt2 = load_prompt(CONFIG, tmp_path)
   assert pc2 == pc
-  for x, y in zip(jax.tree.leaves(prompt), jax.tree.leaves(prompt2)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(prompt, prompt2)
 
 
 def test_peft_prompt_tuning_gives_the_same_logits(tmp_path):

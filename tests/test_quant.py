@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,8 +210,7 @@ def test_shapes_dtypes_and_slicing(kind, double_quant):
     assert isinstance(layer, QuantizedWeight) and layer.leading_shape == ()
     np.testing.assert_array_equal(dequantize(layer, jnp.float32), full[i])
     alone = quantize(w_LxDxHxDh[i], kind, double_quant=double_quant)  # slices are independent
-    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(layer)):
-      np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(alone, layer)
 
   two = quantize(w_LxDxHxDh.reshape(1, L, D, H * Dh), kind, leading=2, double_quant=double_quant)
   assert two.leading_shape == (1, L) and two.shape == (D, H * Dh)
@@ -254,8 +254,7 @@ def test_works_under_jit():
   w = jnp.asarray(normal((2, 64, 128)))
   q = jax.jit(functools.partial(quantize, kind="nf4", leading=1))(w)
   eager = quantize(w, "nf4", leading=1)
-  for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(eager)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(q, eager)
   f = jax.jit(dequantize, static_argnums=1)
   np.testing.assert_array_equal(f(q, jnp.bfloat16), dequantize(q, jnp.bfloat16))
 

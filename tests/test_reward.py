@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,8 +165,7 @@ def test_micro_batches_equal_one_batch_and_both_head_and_decoder_train(params):
   (s1, m1), (s2, m2) = out
   for key in ("loss", "accuracy", "margin", "rewards/chosen"):
     np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  chex.assert_trees_all_close(s1.params, s2.params, atol=1e-6, rtol=0)
   # one SGD step moved the head and every decoder weight (the gradient reaches them all)
   assert np.isfinite(m1["grad_norm"]) and float(m1["skipped"]) == 0
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), s1.params,
@@ -300,9 +300,7 @@ def test_hf_export_matches_transformers_and_loads_back(family, tmp_path):
 
   config2, params2 = load_reward_model_hf(tmp_path / "rm")
   assert config2 == config.replace(pad_token_id=0)
-  assert jax.tree.structure(params2) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(params, params2)  # same structure, same values
 
 
 def test_sharded_export_and_score_match_transformers(tiny, tmp_path):
@@ -323,8 +321,7 @@ def test_sharded_export_and_score_match_transformers(tiny, tmp_path):
   assert err < TOL
 
   _, params2 = load_reward_model_hf(tmp_path / "rm")
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(params, params2)
 
 
 def test_export_refuses_an_unusable_pad_id_and_load_refuses_a_causal_lm(params, tmp_path):

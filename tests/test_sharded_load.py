@@ -8,7 +8,7 @@ from devices import run_on_8_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import sys, tempfile
-    import jax, jax.numpy as jnp, numpy as np
+    import chex, jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
     from test_models import LLAMA
@@ -26,8 +26,7 @@ SCRIPT = textwrap.dedent("""
     assert q.sharding.spec == P(None, "fsdp", "tensor", None), q.sharding.spec
     assert sharded["embed"].sharding.spec == P("tensor", "fsdp"), sharded["embed"].sharding.spec
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 32, 2, 16)
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(single, sharded)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (4, 24)))
     f = jax.jit(forward, static_argnums=0)
     ref = f(config, single, tokens).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +68,7 @@ def test_four_micro_batches_equal_one_big_batch(params):
   s4, m4 = four(fresh(params, opt), batch, {})
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  chex.assert_trees_all_close(s1.params, s4.params, atol=1e-6, rtol=0)
   # a plain mean of per-micro-batch means would differ: the rows have uneven token counts
   masks = np.asarray(batch["loss_mask"]).reshape(2, 4, -1).swapaxes(0, 1).reshape(4, -1)
   assert len(set(masks.sum(-1))) > 1
@@ -89,9 +89,7 @@ def test_non_finite_step_is_skipped_and_counted(params):
   for i in range(2):
     state, m = step(state, bad, {})
     assert float(m["skipped"]) == 1.0 and int(state.bad_steps) == i + 1
-  after = jax.tree.map(np.asarray, (state.params, state.opt_state))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(before, (state.params, state.opt_state))
   state, m = step(state, good, {})
   assert float(m["skipped"]) == 0.0 and int(state.bad_steps) == 0 and int(state.step) == 4
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numbers
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -67,6 +68,16 @@ def weighted_mean(x_B: jax.Array, weights_B: jax.Array | None = None) -> jax.Arr
   w_B = _float(weights_B)
   total = jnp.sum(w_B)
   return jnp.sum(jnp.where(w_B != 0, w_B * x_B, 0.0)) / jnp.where(total > 0, total, 1.0)
+
+
+def _check_rows(fn: str, **rows) -> None:
+  """At trace time: every array given is a [B] vector (one value per row, e.g. per-sequence
+  log-probs, not [B, T] per-token ones), all of the same B."""
+  given = {name: jnp.asarray(x) for name, x in rows.items() if x is not None}
+  for name, x in given.items():
+    chex.assert_rank(x, 1, custom_message=f"{fn}: {name} must be [B], one value per row")
+  chex.assert_equal_shape(list(given.values()),
+                          custom_message=f"{fn}: {', '.join(given)} must all be [B], one B")
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
@@ -159,6 +170,8 @@ def preference_loss(chosen_logps: jax.Array, rejected_logps: jax.Array,
   Raises:
     ValueError: an unknown `loss_type`, missing or superfluous reference log-probs, missing
       lengths, or an option that the loss type does not use.
+    AssertionError: (chex, at trace time) an array argument that is not [B], or arrays of
+      different lengths.
 
   Example:
     >>> c, r = jnp.array([-10.0]), jnp.array([-12.0])
@@ -188,6 +201,10 @@ def preference_loss(chosen_logps: jax.Array, rejected_logps: jax.Array,
   if normalise and (chosen_lengths is None or rejected_lengths is None):
     raise ValueError(f"loss_type {loss_type!r} with length normalisation needs chosen_lengths "
                      "and rejected_lengths")
+  _check_rows("preference_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+              ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+              chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+              chosen_nll=chosen_nll, weights=weights)
 
   c_B, r_B = _float(chosen_logps), _float(rejected_logps)
   if normalise:
@@ -281,6 +298,9 @@ def kto_loss(policy_logps: jax.Array, ref_logps: jax.Array, kl_policy_logps: jax
     group without rows); "rewards/margins" their difference; "count/chosen",
     "count/rejected": each group's total weight (its row count), to recombine group means.
   """
+  _check_rows("kto_loss", policy_logps=policy_logps, ref_logps=ref_logps,
+              kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps, labels=labels,
+              weights=weights)
   logratio_B = _float(policy_logps) - _float(ref_logps)
   kl = jnp.maximum(weighted_mean(_float(kl_policy_logps) - _float(kl_ref_logps), weights), 0.0)
   kl = jax.lax.stop_gradient(kl)

@@ -128,17 +128,3 @@ class ModelConfig:
                          "layer_types too")
       changes["layer_types"] = (kinds.pop(),) * changes["num_layers"]
     return dataclasses.replace(self, **changes)
-
-  def num_params(self) -> int:
-    """Number of parameters, counting a tied embedding once."""
-    from jaxpost.models.params import param_specs  # local: params imports this module
-
-    return sum(math.prod(s.shape) for s in _leaves(param_specs(self)))
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    for v in tree.values():
-      yield from _leaves(v)
-  else:
-    yield tree

@@ -115,6 +115,11 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
                       is_leaf=is_spec)
 
 
+def num_params(config: ModelConfig) -> int:
+  """Number of parameters of `config`, counting a tied embedding once."""
+  return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(config), is_leaf=is_spec))
+
+
 _CONSTANT: dict[str, Callable] = {"zeros": jnp.zeros, "ones": jnp.ones}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -131,9 +132,24 @@ def forward(
   without a `cache`, every row then starts from the prefix's keys and values, and positions
   continue after it. (With a cache, the cache is expected to start with it already; see
   `start_cache`.)
+
+  Raises:
+    AssertionError: (chex, at trace time) tokens not [B, T], embeddings not [B, T, D], or
+      positions / segment_ids not the tokens' [B, T].
   """
   c = config
-  B, T = tokens_BxT.shape if tokens_BxT is not None else embeddings.shape[:2]
+  # Shape checks at trace time (they add nothing to the compiled program).
+  if tokens_BxT is not None:
+    chex.assert_rank(tokens_BxT, 2, custom_message="forward: tokens must be [B, T]")
+    B, T = tokens_BxT.shape
+  else:
+    chex.assert_shape(embeddings, (None, None, c.hidden_size),
+                      custom_message="forward: embeddings must be [B, T, hidden_size]")
+    B, T = embeddings.shape[:2]
+  for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+    if x is not None:
+      chex.assert_shape(x, (B, T), custom_message=f"forward: {name} must be [B, T] like the "
+                        "tokens")
   dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else jnp.dtype(
       params["embed"].dtype)
   return_cache = cache is not None
