@@ -316,8 +316,9 @@ def _migrate_preference(raw: dict, source: str, sources: dict[str, str]) -> dict
         sources[new] = origin
     moved.append(f"preference.{name} -> {' / '.join(_PREFERENCE_KEYS[name])}")
   if moved:
+    shown = "; ".join(moved[:4]) + (f"; and {len(moved) - 4} more" if len(moved) > 4 else "")
     print(f"jaxpost: warning: {source} uses the old 'preference' section; it still works, but "
-          f"rename {'; '.join(moved)}", file=sys.stderr)
+          f"rename {shown} (docs/architecture.md, configs/dpo.yaml)", file=sys.stderr)
   return raw
 
 
