@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import shutil
 
 import datasets
 import jax
@@ -14,11 +16,12 @@ import pytest
 import tokenizer_fixtures
 from data_fixtures import (conversation, mixed_rows, runs, sentence, with_template,
                            write_jsonl)
-from jaxpost.data import (BatchIterator, DataError, Example, build_sft_batches, load_rows,
-                          make_rows, plan_rows, read_rows, to_example, tokenize_rows, truncate)
+from jaxpost.data import (BatchIterator, DataError, Example, build_sft_batches,
+                          describe_truncation, load_rows, make_rows, plan_rows, read_rows,
+                          to_example, tokenize_rows, truncate)
 from jaxpost.models import ModelConfig, ParamSpec, forward, param_specs
 from jaxpost.tiny import make_tokenizer
-from jaxpost.tokenizer import load_tokenizer
+from jaxpost.tokenizer import TokenizerError, load_tokenizer
 
 END = "<|im_end|>"
 
@@ -145,6 +148,156 @@ def test_skip_mode_counts_bad_rows_by_reason(tok, tmp_path):
                                         "wrong_type": 1}
 
 
+# -- bad files: one error naming the file and row ----------------------------------------------
+
+
+def test_a_source_without_rows_is_named(tmp_path):
+  cases = {"empty.jsonl": ("", "the file is empty"),
+           "blank.jsonl": ("\n  \n", "it holds only blank lines"),
+           "empty.json": ("[]", "it holds an empty JSON array"),
+           "header.csv": ("prompt,completion\n", "it has a header line and no data rows"),
+           "empty.csv": ("", "the file is empty")}
+  for name, (text, why) in cases.items():
+    path = tmp_path / name
+    path.write_text(text)
+    for read in (read_rows, load_rows):
+      with pytest.raises(DataError, match=f"^{path} has no rows: {why}; check the path") as e:
+        read(path)
+      assert e.value.reason == "no_rows"
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "a.jsonl").write_text("")
+  (folder / "b.jsonl").write_text("\n")
+  with pytest.raises(DataError, match=rf"^{folder} has no rows: its data files \(a.jsonl, "
+                     r"b.jsonl\) hold no rows"):
+    read_rows(folder)
+  (folder / "c.jsonl").write_text('{"text": "hello"}\n')  # an empty file beside data is fine
+  assert [row.where for row in read_rows(folder)] == [f"{folder / 'c.jsonl'} row 1"]
+  with pytest.raises(DataError, match=rf"^{folder}: split 'train\[5:\]' selects none of its 1 "
+                     "rows"):
+    read_rows(folder, split="train[5:]")
+  with pytest.raises(DataError, match="^dataset has no rows"):
+    read_rows(datasets.Dataset.from_list([]))
+  with pytest.raises(DataError, match=rf"^{folder}: split 'test' does not apply to local files "
+                     r"\(Unknown split \"test\".*\); they form one split, 'train'"):
+    read_rows(folder, split="test")
+
+
+def test_format_detection_names_file_row_and_fields(tok, tmp_path):
+  path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a", "answer": "b"}, {"extra": 1}])
+  with pytest.raises(DataError) as e:
+    tokenize_rows(read_rows(path), tok)
+  message = str(e.value)
+  assert message.startswith(f"{path} row 1: cannot tell the data format: no row has a field of "
+                            "a known format; this row has the fields 'answer', 'question' (all "
+                            "rows together: the fields 'answer', 'extra', 'question')")
+  assert ("expected 'messages' (a list of {role, content} messages) for format messages, "
+          "'prompt' and 'completion' for prompt_completion, or 'text' for text") in message
+  assert "data.format" in message and e.value.reason == "unknown_format"
+  # Invalid JSON first: its own error, not an empty list of fields.
+  path = write_jsonl(tmp_path / "eval.jsonl", ['{"prompt": "a", ', '{"prompt": "a", '])
+  for mode in ("error", "skip"):
+    with pytest.raises(DataError, match=rf"^{path} row 1: invalid JSON: Expecting property name"):
+      tokenize_rows(read_rows(path), tok, on_bad_row=mode)
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+  with pytest.raises(DataError, match=rf"^{pairs} row 1: this row has the fields 'chosen', "
+                     "'prompt', 'rejected': preference pairs, not SFT data; train them with a "
+                     r"preference algorithm \(e.g. algorithm=dpo\)"):
+    tokenize_rows(read_rows(pairs), tok)
+  path = write_jsonl(tmp_path / "mixed.jsonl", ["{oops", {"question": "a"}])
+  with pytest.raises(DataError, match=rf"^{path} row 2: cannot tell the data format.*; also, "
+                     rf"{path} row 1: invalid JSON"):
+    tokenize_rows(read_rows(path), tok)
+
+
+def test_non_utf8_bytes_name_file_and_row(tok, tmp_path):
+  good = json.dumps({"prompt": "a", "completion": " b"}).encode()
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "completion": " b"}\n' + good + b"\n")
+  with pytest.raises(DataError, match=rf"^{path} row 2: not valid UTF-8: byte 0xe9 at column 16; "
+                     "the data file must be UTF-8") as e:
+    build_sft_batches(path, tok, seq_len=32, batch_size=1)
+  assert e.value.reason == "encoding"
+  skipped = build_sft_batches(path, tok, seq_len=32, batch_size=1, on_bad_row="skip")
+  assert skipped.stats.skipped_rows == {"encoding": 1} and skipped.stats.examples == 2
+  array = tmp_path / "latin1.json"
+  array.write_bytes(b'[{"prompt": "a", "completion": " b"},\n {"prompt": "caf\xe9"}]')
+  with pytest.raises(DataError, match=rf"^{array} line 2: not valid UTF-8: byte 0xe9 at column "
+                     "17; the data file must be UTF-8"):
+    read_rows(array)
+  table = tmp_path / "latin1.csv"
+  table.write_bytes(b"prompt,completion\na,b\ncaf\xe9,b\n")
+  with pytest.raises(DataError, match=rf"^{table} line 3: not valid UTF-8: byte 0xe9 at column 4"):
+    read_rows(table)
+  bom = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is fine
+  bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+  assert read_rows(bom)[0].data == {"prompt": "a", "completion": " b"}
+
+
+def test_unreadable_json_array_and_parquet_name_the_file(tmp_path):
+  array = tmp_path / "pretty.json"
+  array.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]\n')
+  with pytest.raises(DataError, match=rf"^{array} line 3: invalid JSON: .*one JSON array"):
+    read_rows(array)
+  number = tmp_path / "number.json"
+  number.write_text("5")
+  with pytest.raises(DataError, match=rf"^{number}: a JSON data file should hold an array of "
+                     r"objects, got int; write \[\{\.\.\.\}"):
+    read_rows(number)
+  parquet = tmp_path / "broken.parquet"
+  parquet.write_bytes(b"not a parquet file at all")
+  with pytest.raises(DataError, match=rf"^{parquet}: cannot read it as a parquet file "
+                     r"\(ArrowInvalid: .*\); check that it is a complete parquet file") as e:
+    read_rows(parquet)
+  assert e.value.reason == "unreadable_file"
+
+
+def test_conversations_without_a_chat_template_name_the_tokenizer_folder(tok_folder, tmp_path):
+  folder = tmp_path / "no_template"
+  shutil.copytree(tok_folder, folder)
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  config.pop("chat_template", None)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  for extra in folder.glob("*.jinja"):
+    extra.unlink()
+  bare = load_tokenizer(folder)
+  path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "a", "completion": " b"},
+                                               {"messages": conversation(random.Random(0))}])
+  for mode in ("error", "skip"):  # never skipped: every conversation would be lost
+    with pytest.raises(TokenizerError) as e:
+      tokenize_rows(read_rows(path), bare, format="messages", on_bad_row=mode)
+    assert str(e.value) == (
+        f"{path} row 1: the tokenizer in {folder} has no chat template, needed for "
+        "conversational data (a 'messages' list, or a 'prompt' that is a list of messages): add "
+        f"chat_template.jinja to {folder} or a \"chat_template\" to its tokenizer_config.json "
+        "(e.g. the instruct model's), or use plain-text data: string prompts with format "
+        "prompt_completion, or format text.")
+  prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+      {"prompt": "a", "completion": " b"},  # plain text needs no template
+      {"prompt": [{"role": "user", "content": "a"}], "completion": "b"}])
+  with pytest.raises(TokenizerError, match=rf"^{prompts} row 2: the tokenizer in {folder} has no "
+                     "chat template"):
+    tokenize_rows(read_rows(prompts), bare)
+  assert len(tokenize_rows(read_rows(prompts)[:1], bare).examples) == 1
+
+
+def test_nothing_left_to_batch_says_why(tok, tmp_path):
+  path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"prompt": "a"}, {"prompt": "a"}])
+  with pytest.raises(ValueError, match=r"^No examples to batch: 3 rows were skipped as bad "
+                     r"\(invalid_json 1, missing_field 2; on_bad_row='error' names the first\)"):
+    build_sft_batches(path, tok, seq_len=32, batch_size=1, on_bad_row="skip")
+  long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "the quick brown fox " * 5,
+                                                "completion": " five"}] * 2)
+  with pytest.raises(ValueError, match=rf"^No examples to batch: truncation to 8 tokens left 2 "
+                     rf"of the examples with nothing to train on \({long} row 1, row 2\); raise "
+                     "data.seq_len"):
+    build_sft_batches(long, tok, seq_len=8, batch_size=1)
+  few = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "a", "completion": " b"}])
+  with pytest.raises(ValueError, match=rf"^Epoch 0 has 1 rows of 32 tokens \(from {few}\), "
+                     "fewer than batch_size=2; lower batch_size, add data"):
+    build_sft_batches(few, tok, seq_len=32, batch_size=2)
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
@@ -221,6 +374,46 @@ def test_truncation_counts_and_drops_examples_left_without_targets():
   assert (stats.truncated_examples, stats.truncated_tokens, stats.dropped_examples) == (2, 7, 1)
   batches = BatchIterator([long, prompt_only, short], batch_size=1, seq_len=8, max_length=None)
   assert (batches.stats.truncated_examples, batches.stats.truncated_tokens) == (2, 3)
+
+
+def test_truncation_names_the_rows_it_cut_and_dropped(tok, tmp_path):
+  long_answer = {"prompt": "a", "completion": " the quick brown fox jumps over a lazy dog"}
+  long_prompt = {"prompt": "the quick brown fox jumps over a lazy dog hello", "completion": " b"}
+  short = {"prompt": "a", "completion": " b"}
+  rows = [short, long_answer, long_prompt, short, long_answer, long_answer, long_prompt,
+          long_answer]
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  seq_len = 8
+  batches = build_sft_batches(path, tok, seq_len=seq_len, batch_size=1)
+  stats = batches.stats
+  assert (stats.examples, stats.truncated_examples, stats.dropped_examples) == (6, 6, 2)
+  assert stats.truncated_rows == [f"{path} row {n}" for n in (2, 3, 5)]
+  assert stats.dropped_rows == [f"{path} row {n}" for n in (3, 7)]
+  examples = tokenize_rows(read_rows(path), tok).examples
+  lost = [e for e in examples if len(e) > seq_len]
+  assert stats.truncated_tokens == sum(len(e) - seq_len for e in lost)
+  assert stats.truncated_target_tokens == sum(int(e.loss_mask[seq_len:].sum()) for e in lost)
+  assert describe_truncation(stats, seq_len) == (
+      f"6 of 8 examples were longer than data.seq_len=8 tokens and were cut, losing "
+      f"{stats.truncated_tokens} tokens ({stats.truncated_target_tokens} of them trained): "
+      f"{path} row 2, row 3, row 5, ...; 2 of them were dropped, left with nothing to train on: "
+      f"{path} row 3, row 7; raise data.seq_len or shorten those rows")
+  assert describe_truncation(stats, 64, max_length=seq_len).startswith(
+      "6 of 8 examples were longer than data.max_length=8 tokens")
+  assert describe_truncation(build_sft_batches(path, tok, seq_len=64, batch_size=1).stats,
+                             64) is None
+  # Without origins (plain Examples), the stats name the examples' indices.
+  kept, cut = truncate([Example(np.arange(10), np.arange(10) >= 2)] * 2, 6)
+  assert cut.truncated_rows == ("example 0", "example 1") and len(kept) == 2
+
+
+def test_where_changes_neither_fingerprint_nor_batches():
+  plain = _pinned_examples()
+  located = [dataclasses.replace(e, where=f"x.jsonl row {i}") for i, e in enumerate(plain)]
+  a = BatchIterator(plain, batch_size=2, seq_len=12, seed=5)
+  b = BatchIterator(located, batch_size=2, seq_len=12, seed=5)
+  assert a.fingerprint == b.fingerprint == "29025793b873e464"
+  _assert_same(_take(a, 3), _take(b, 3))
 
 
 def _random_params(config, std=0.2):

@@ -11,6 +11,7 @@ import pytest
 
 import tokenizer_fixtures
 from data_fixtures import runs, write_jsonl
+from jaxpost.data import describe_truncation
 from jaxpost.data.errors import DataError
 from jaxpost.data.formats import Example
 from jaxpost.data.preference import (Pair, PreferenceIterator, Unpaired, build_kto_batches,
@@ -18,7 +19,7 @@ from jaxpost.data.preference import (Pair, PreferenceIterator, Unpaired, build_k
                                      to_unpaired)
 from jaxpost.tasks import arithmetic, arithmetic_pref
 from jaxpost.tiny import make_tokenizer
-from jaxpost.tokenizer import load_tokenizer
+from jaxpost.tokenizer import TokenizerError, load_tokenizer
 
 END = "<|im_end|>"
 KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -155,6 +156,51 @@ def test_pairs_that_truncation_makes_identical_are_dropped(tok, tmp_path):
   long_enough = build_preference_batches(path, tok, seq_len=32, batch_size=1,
                                          max_length=shared + 1)
   assert (long_enough.stats.examples, long_enough.stats.dropped_examples) == (2, 0)
+
+
+def test_truncation_names_the_rows_it_cut_and_dropped(tok, tmp_path):
+  prompt = "the quick brown fox jumps over a lazy dog hello world"
+  rows = [{"prompt": "a", "chosen": " b", "rejected": " c"},
+          {"prompt": prompt, "chosen": " five you are fine", "rejected": " six"},
+          {"prompt": "a", "chosen": " b", "rejected": " d"}]
+  path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+  P = len(tok.encode(prompt))
+  batches = build_preference_batches(path, tok, seq_len=P + 16, batch_size=1, max_length=P)
+  stats = batches.stats
+  assert (stats.examples, stats.truncated_examples, stats.dropped_examples) == (2, 1, 1)
+  assert stats.truncated_rows == stats.dropped_rows == [f"{path} row 2"]
+  assert stats.truncated_target_tokens == sum(len(tok.encode(c, add_bos=False)) + 1  # + EOS
+                                              for c in (" five you are fine", " six"))
+  assert describe_truncation(stats, P + 16, max_length=P, max_prompt_length=40) == (
+      f"1 of 3 pairs were longer than data.max_length={P} tokens or data.max_prompt_length=40 "
+      f"prompt tokens and were cut, losing {stats.truncated_tokens} tokens "
+      f"({stats.truncated_target_tokens} of them trained): {path} row 2; 1 of them were "
+      f"dropped, left with nothing to train on: {path} row 2; raise data.max_length or "
+      "data.max_prompt_length or shorten those rows")
+  kto = write_jsonl(tmp_path / "kto.jsonl", [
+      {"prompt": prompt, "completion": " five", "label": True}] * 2)
+  with pytest.raises(ValueError, match=rf"^No preference items to batch: truncation to {P} tokens "
+                     rf"left 2 of the preference items with nothing to train on \({kto} row 1, "
+                     r"row 2\)"):
+    build_kto_batches(kto, tok, seq_len=P + 16, batch_size=2, max_length=P)
+  kept = build_kto_batches(kto, tok, seq_len=P + 1, batch_size=2)
+  assert describe_truncation(kept.stats, P + 1).startswith("2 of 2 rows were longer than "
+                                                           f"data.seq_len={P + 1} tokens")
+
+
+def test_conversational_pairs_without_a_chat_template_name_row_and_folder(tmp_path):
+  folder = make_tokenizer(tmp_path / "tok", tokenizer_fixtures.corpus(300))
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  config.pop("chat_template", None)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  for extra in folder.glob("*.jinja"):
+    extra.unlink()
+  bare = load_tokenizer(folder)
+  path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_PAIR, {"prompt": [U], "chosen": "five",
+                                                            "rejected": "six"}])
+  with pytest.raises(TokenizerError, match=rf"^{path} row 2: the tokenizer in {folder} has no "
+                     "chat template, needed for conversational data"):
+    build_preference_batches(path, bare, seq_len=32, batch_size=1, on_bad_row="skip")
 
 
 # -- bad rows ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from jaxpost.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerConfig,
-                               load_tokenizer)
+                               TokenizerError, load_tokenizer)
 import tokenizer_fixtures as fx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach the network
@@ -338,6 +338,58 @@ def test_chat_template_sources(folders: dict[str, Path], tmp_path: Path) -> None
   bare = load_tokenizer(folders["gemma"])
   with pytest.raises(ValueError, match="no chat template"):
     bare.apply_chat_template(messages)
+
+
+def test_missing_chat_template_names_the_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+  bare = load_tokenizer(folders["gemma"])
+  assert bare.path == folders["gemma"] / "tokenizer.model"
+  assert load_tokenizer(folders["qwen"]).path == folders["qwen"] / "tokenizer.json"
+  with pytest.raises(TokenizerError) as e:
+    bare.apply_chat_template([{"role": "user", "content": "x"}])
+  assert str(e.value) == (
+      f"The tokenizer in {folders['gemma']} has no chat template, needed for rendering a "
+      f"conversation: add chat_template.jinja to {folders['gemma']} or a \"chat_template\" to "
+      "its tokenizer_config.json (e.g. the instruct model's), or pass one as `chat_template=`.")
+  assert bare.apply_chat_template([{"role": "user", "content": "x"}],
+                                  chat_template="{{ messages[0].content }}") == "x"
+  named = load_tokenizer(_copy(folders["qwen"], tmp_path / "named", chat_template=[
+      {"name": "rag", "template": "R"}]))
+  with pytest.raises(TokenizerError, match=r"has chat templates \['rag'\] but no 'default' one"):
+    named.require_chat_template()
+
+
+BAD_FILES = [  # (file, content, message after the file's path)
+    ("tokenizer_config.json", b"[1, 2]", " must hold a JSON object, got a list"),
+    ("tokenizer_config.json", b'"hi"', " must hold a JSON object, got a string"),
+    ("tokenizer_config.json", b"{oops", " is not valid JSON: Expecting property name"),
+    ("tokenizer_config.json", b'{"bos_token": "caf\xe9"}', " line 1: not valid UTF-8 (byte 0xe9)"),
+    ("special_tokens_map.json", b"3", " must hold a JSON object, got a number"),
+    ("generation_config.json", b'{"eos_token_id": "2"}',
+     ": eos_token_id should be a token id or a list of ids, got '2'"),
+    ("added_tokens.json", b'{"<x>": "seven"}', ": '<x>' should have a token id"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": {"5": {"special": true}}}',
+     ": added_tokens_decoder['5'] should be a token"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": {"x": {"content": "<x>"}}}',
+     ": added_tokens_decoder['x'] should have a token id"),
+    ("tokenizer_config.json", b'{"added_tokens_decoder": ["<x>"]}',
+     ": added_tokens_decoder should be an object of id -> token, got list"),
+    ("tokenizer_config.json", b'{"chat_template": [{"name": "default"}]}',
+     ": chat_template[0] should be {\"name\": \"...\", \"template\": \"...\"}"),
+    ("tokenizer_config.json", b'{"chat_template": 5}',
+     ": chat_template should be a template string or a list"),
+    ("chat_template.jinja", b"{{ 'caf\xe9' }}", " line 1: not valid UTF-8 (byte 0xe9)"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES)
+def test_a_bad_config_file_names_file_and_key(folders: dict[str, Path], tmp_path: Path,
+                                              name: str, content: bytes, message: str) -> None:
+  folder = tmp_path / "bad"
+  shutil.copytree(folders["qwen"], folder)
+  (folder / name).write_bytes(content)
+  with pytest.raises(TokenizerError) as e:
+    load_tokenizer(folder)
+  assert str(e.value).startswith(f"{folder / name}{message}"), str(e.value)
 
 
 def test_special_tokens_map_and_added_tokens_json(folders: dict[str, Path],

@@ -15,7 +15,14 @@ The stages, each usable alone:
 3. `truncate`, `plan_rows`, `make_rows` (`packing`): examples -> rows of `seq_len` tokens,
    packed greedily in order or one per row.
 4. `BatchIterator` (`iterator`): shuffled epochs, fixed-shape batches, exact resume, `stats`;
-   its schedule (`epochs.EpochIterator`) is also `preference.PreferenceIterator`'s.
+   its schedule (`epochs.EpochIterator`) is also `preference.PreferenceIterator`'s. `stats`
+   count and name (`truncated_rows`, `dropped_rows`) the examples truncation cut;
+   `describe_truncation(stats, seq_len)` makes the one-line warning a trainer logs.
+
+A bad input raises one error naming it: `DataError` (a `ValueError`) for a data file, row or
+field ("data/train.jsonl row 17: field 'completion' is empty", "data/train.jsonl has no rows:
+the file is empty"), `jaxpost.tokenizer.TokenizerError` for a tokenizer that lacks what the
+data needs (a chat template), naming its folder.
 
 Batch layout (B = batch_size, T = seq_len), ready for `jaxpost.models.forward` and a loss:
 
@@ -32,9 +39,10 @@ Batch layout (B = batch_size, T = seq_len), ready for `jaxpost.models.forward` a
     loss = sum(loss_mask * cross_entropy(logits, targets)) / sum(loss_mask)
 """
 
+from jaxpost.data.epochs import InputStats, describe_truncation
 from jaxpost.data.errors import DataError
 from jaxpost.data.formats import (FORMATS, ROLES, TRAIN_ON, Example, Tokenized, detect_format,
-                                  to_example, tokenize_rows)
+                                  detect_rows_format, to_example, tokenize_rows)
 from jaxpost.data.iterator import BatchIterator, DataStats
 from jaxpost.data.packing import (ROW_FIELDS, TruncationStats, make_rows, packing_efficiency,
                                   plan_rows, truncate)
@@ -42,8 +50,9 @@ from jaxpost.data.pipeline import build_sft_batches, pad_id_of
 from jaxpost.data.sources import Row, load_rows, read_rows
 
 __all__ = [
-    "BatchIterator", "DataError", "DataStats", "Example", "FORMATS", "ROLES", "ROW_FIELDS",
-    "Row", "TRAIN_ON", "Tokenized", "TruncationStats", "build_sft_batches", "detect_format",
-    "load_rows", "make_rows", "pad_id_of", "packing_efficiency", "plan_rows", "read_rows",
-    "to_example", "tokenize_rows", "truncate",
+    "BatchIterator", "DataError", "DataStats", "Example", "FORMATS", "InputStats", "ROLES",
+    "ROW_FIELDS", "Row", "TRAIN_ON", "Tokenized", "TruncationStats", "build_sft_batches",
+    "describe_truncation", "detect_format", "detect_rows_format", "load_rows", "make_rows",
+    "pad_id_of", "packing_efficiency", "plan_rows", "read_rows", "to_example", "tokenize_rows",
+    "truncate",
 ]

@@ -42,7 +42,11 @@ class InputStats:
 
   examples: items batched (SFT examples, pairs, KTO rows); tokens, target_tokens: over every
   sequence (both sides of a pair); skipped_rows: rows skipped, by reason; truncated_examples,
-  truncated_tokens, dropped_examples: what truncation cut.
+  truncated_tokens, dropped_examples: what truncation cut (dropped items are not in
+  `examples`); truncated_target_tokens: the trained tokens among the tokens cut;
+  truncated_rows, dropped_rows: the rows ("data/train.jsonl row 17") of the first few
+  truncated and dropped items (`packing.NAMED_ROWS`). `describe_truncation` makes a warning of
+  them.
   """
 
   examples: int
@@ -52,9 +56,89 @@ class InputStats:
   truncated_examples: int
   truncated_tokens: int
   dropped_examples: int
+  truncated_target_tokens: int
+  truncated_rows: list[str]
+  dropped_rows: list[str]
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def unit(self) -> str:
+    """What an item is called in messages ("examples", "pairs", "rows")."""
+    return "examples"
+
+
+def _name_rows(rows: Sequence[str], count: int) -> str:
+  """"a.jsonl row 17, row 90, b.jsonl row 3, ..." (the file named once for consecutive rows;
+  "..." when `count` items were cut and fewer are named)."""
+  parts, last = [], None
+  for where in rows:
+    file, sep, number = where.rpartition(" row ")
+    parts.append(f"row {number}" if sep and file == last else where)
+    last = file if sep else None
+  if count > len(rows):
+    parts.append("...")
+  return ", ".join(parts)
+
+
+def describe_truncation(stats: InputStats, seq_len: int, *, max_length: int | None = None,
+                        max_prompt_length: int | None = None) -> str | None:
+  """A one-line warning saying what truncation cut and which rows, or None if it cut nothing.
+
+  `seq_len`, `max_length`, `max_prompt_length`: the limits the batches were made with (named
+  as the run config's data.* keys). The line (without a "warning: " prefix, which the caller
+  adds as it logs) reads, for example:
+
+    12 of 3000 examples were longer than data.seq_len=128 tokens and were cut, losing 950
+    tokens (312 of them trained): data/train.jsonl row 17, row 90, row 112, ...; 3 of them
+    were dropped, left with nothing to train on: data/train.jsonl row 90, ...; raise
+    data.seq_len or shorten those rows
+
+  A trainer logs it once, and the counts (`truncated_examples`, `dropped_examples`) as metrics.
+  """
+  if not stats.truncated_examples and not stats.dropped_examples:
+    return None
+  limits = ([f"data.max_length={max_length} tokens"]
+            if max_length is not None and max_length < seq_len
+            else [f"data.seq_len={seq_len} tokens"])
+  if max_prompt_length is not None:
+    limits.append(f"data.max_prompt_length={max_prompt_length} prompt tokens")
+  total = stats.examples + stats.dropped_examples
+  text = (f"{stats.truncated_examples} of {total} {stats.unit()} were longer than "
+          f"{' or '.join(limits)} and were cut, losing {stats.truncated_tokens} tokens "
+          f"({stats.truncated_target_tokens} of them trained)")
+  if stats.truncated_rows:
+    text += f": {_name_rows(stats.truncated_rows, stats.truncated_examples)}"
+  if stats.dropped_examples:
+    text += (f"; {stats.dropped_examples} of them were dropped, left with nothing to train on: "
+             f"{_name_rows(stats.dropped_rows, stats.dropped_examples)}")
+  keys = " or ".join(limit.split("=")[0] for limit in limits)
+  return f"{text}; raise {keys} or shorten those rows"
+
+
+def nothing_to_batch(unit: str, skipped: Mapping[str, int], dropped: int,
+                     dropped_rows: Sequence[str], limit: int) -> str:
+  """The error of an iterator left with no item: what was skipped and dropped, and where."""
+  causes = []
+  if skipped:
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+    n = sum(skipped.values())
+    causes.append(f"{n} {'row was' if n == 1 else 'rows were'} skipped as bad ({counts}; "
+                  "on_bad_row='error' names the first)")
+  if dropped:
+    causes.append(f"truncation to {limit} tokens left {dropped} of the {unit} with nothing to "
+                  f"train on ({_name_rows(dropped_rows, dropped)}); raise data.seq_len or "
+                  "data.max_length")
+  return f"No {unit} to batch: " + ("; ".join(causes) if causes else "there are none") + "."
+
+
+def files_of(wheres: Iterable[str | None], limit: int = 3) -> str | None:
+  """The files named by origins "file row N" (the first `limit`, in order), or None."""
+  files = list(dict.fromkeys(w.rpartition(" row ")[0] for w in wheres if w and " row " in w))
+  if not files:
+    return None
+  return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit
+                                     else "")
 
 
 def fingerprint_of(settings: Sequence[Any], chunks: Iterable[bytes]) -> str:
@@ -100,6 +184,7 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
   _NAME = "data"
   _RESUME_NEEDS = "data and settings"
   _unit = "items"
+  _source: str | None = None  # the data's files, for messages (`files_of`)
 
   def __init__(self, num_items: int, *, batch_size: int, shuffle: bool, seed: int,
                drop_remainder: bool, epochs: int | None, fingerprint: str,
@@ -145,8 +230,10 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
     return self._count_batches(len(self._epoch_units(epoch)))
 
   def _too_few(self, epoch: int) -> str:
-    return (f"Epoch {epoch} has {len(self._epoch_units(epoch))} {self._unit}, fewer than "
-            f"batch_size={self.batch_size}; lower batch_size or use drop_remainder=False.")
+    source = f" (from {self._source})" if self._source else ""
+    return (f"Epoch {epoch} has {len(self._epoch_units(epoch))} {self._unit}{source}, fewer "
+            f"than batch_size={self.batch_size}; lower batch_size, add data, or use "
+            "drop_remainder=False.")
 
   def __iter__(self) -> EpochIterator:
     return self

@@ -16,6 +16,11 @@ EMPTY = "empty"
 INVALID_JSON = "invalid_json"
 NO_TARGET = "no_trainable_tokens"
 TEMPLATE = "chat_template"
+ENCODING = "encoding"
+# Reasons of errors about a whole file or data set, never skipped by `on_bad_row="skip"`.
+NO_ROWS = "no_rows"
+UNKNOWN_FORMAT = "unknown_format"
+UNREADABLE = "unreadable_file"
 
 
 class DataError(ValueError):
@@ -25,7 +30,9 @@ class DataError(ValueError):
     reason: a short key saying what is wrong (the module constants above).
     detail: the message without the location.
     where: "file row N" (1-based: the file's line number for JSON lines, the data row for
-      csv/parquet/json arrays), or None while unknown.
+      csv/parquet/json arrays), "file line N" where only the line is known (a non-UTF-8 byte
+      in a csv or JSON array file), the file itself for an error about the whole file, or
+      None while unknown.
     field: the offending field (e.g. "completion", "messages[2].role"), or None.
   """
 

@@ -21,7 +21,10 @@ marks assistant text with `{% generation %}` blocks is read by its spans instead
 works for templates that render earlier turns differently (e.g. dropping old reasoning).
 
 A row that cannot be used raises `DataError` naming the field; `tokenize_rows` adds the file and
-row, or with `on_bad_row="skip"` skips the row and counts it by reason.
+row, or with `on_bad_row="skip"` skips the row and counts it by reason. Rows whose format cannot
+be told (no row has a known field) raise `DataError` naming the file, the row and its fields;
+conversational rows and a tokenizer without a chat template raise `TokenizerError` naming the
+tokenizer's folder and the row.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxpost.chat_template import ChatTemplateError, render_chat_template_with_spans
-from jaxpost.data.errors import (EMPTY, MISSING_FIELD, NO_TARGET, TEMPLATE, WRONG_TYPE,
-                                 DataError, field_error)
+from jaxpost.data.errors import (EMPTY, MISSING_FIELD, NO_ROWS, NO_TARGET, TEMPLATE,
+                                 UNKNOWN_FORMAT, WRONG_TYPE, DataError, field_error)
 from jaxpost.data.sources import Row
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.tokenizer import Tokenizer, TokenizerError
 
 FORMATS = ("messages", "prompt_completion", "text")
 TRAIN_ON = {"messages": ("assistant", "last_assistant", "all"),
@@ -54,10 +57,13 @@ class Example:
   tokens:    int32 [n]
   loss_mask: bool [n]; `loss_mask[t]`: token t is a target, trained to be predicted from
              tokens[:t]. `loss_mask[0]` is always False (nothing predicts the first token).
+  where:     the row it came from ("data/train.jsonl row 17"), or None; only for messages
+             (e.g. naming truncated rows): fingerprints and batches never depend on it.
   """
 
   tokens: np.ndarray
   loss_mask: np.ndarray
+  where: str | None = None
 
   def __post_init__(self) -> None:
     tokens = np.asarray(self.tokens, np.int32)
@@ -85,8 +91,17 @@ class Tokenized(NamedTuple):
   format: str
 
 
+_EXPECTED_FIELDS = ("'messages' (a list of {role, content} messages) for format messages, "
+                    "'prompt' and 'completion' for prompt_completion, or 'text' for text")
+_SET_FORMAT = "rename the fields, or set the format (format=..., or data.format in a run config)"
+
+
 def detect_format(fields: Iterable[str]) -> str:
-  """The format of rows with these fields: messages, else prompt/completion, else text."""
+  """The format of rows with these fields: messages, else prompt/completion, else text.
+
+  Raises:
+    DataError: (reason "unknown_format") no field of a known format.
+  """
   fields = set(fields)
   if "messages" in fields:
     return "messages"
@@ -94,8 +109,52 @@ def detect_format(fields: Iterable[str]) -> str:
     return "prompt_completion"
   if "text" in fields:
     return "text"
-  raise ValueError(f"Cannot tell the data format from the fields {sorted(fields)}: expected "
-                   "'messages', 'prompt' + 'completion', or 'text' (or pass format=...).")
+  raise DataError(UNKNOWN_FORMAT, f"cannot tell the data format from the fields "
+                  f"{sorted(fields)}: expected {_EXPECTED_FIELDS}; {_SET_FORMAT}")
+
+
+def detect_rows_format(rows: Sequence[Row]) -> str:
+  """The format of `rows` (from `sources.read_rows`): `detect_format` of the fields of every
+  readable row.
+
+  Raises:
+    DataError: there is no row; or no row could be read (the first row's own error: "file row
+      1: invalid JSON: ..."); or no row has a field of a known format, or the rows are
+      preference pairs (naming the first row and its fields).
+  """
+  readable = [row for row in rows if isinstance(row.data, dict)]
+  if not readable:
+    if rows:  # every row is unreadable: the first one says why
+      raise rows[0].data
+    raise DataError(NO_ROWS, "no rows to tell the data format from")
+  fields = {key for row in readable for key in row.data}
+  if {"chosen", "rejected"} <= fields and not fields & {"messages", "completion", "text"}:
+    first = readable[0]
+    raise DataError(UNKNOWN_FORMAT, f"this row has {_listed(first.data)}: preference pairs, "
+                    "not SFT data; train them with a preference algorithm (e.g. "
+                    "algorithm=dpo), or give rows with 'messages', 'prompt' + 'completion' or "
+                    "'text'", where=first.where)
+  try:
+    return detect_format(fields)
+  except DataError:
+    first = readable[0]
+    found = sorted(first.data)
+    others = "" if set(found) == fields else f" (all rows together: {_listed(fields)})"
+    unreadable = next((row.data for row in rows if not isinstance(row.data, dict)), None)
+    also = f"; also, {unreadable}" if unreadable is not None else ""
+    raise DataError(UNKNOWN_FORMAT, f"cannot tell the data format: no row has a field of a "
+                    f"known format; this row has {_listed(found)}{others}; expected "
+                    f"{_EXPECTED_FIELDS}; {_SET_FORMAT}{also}", where=first.where) from None
+
+
+def _listed(fields: Iterable[str], limit: int = 12) -> str:
+  """"the fields 'a', 'b'" (the first `limit`, then how many more), or "no field"."""
+  fields = sorted(fields)
+  if not fields:
+    return "no field"
+  shown = ", ".join(repr(f) for f in fields[:limit])
+  more = f" and {len(fields) - limit} more" if len(fields) > limit else ""
+  return f"the field{'s' if len(fields) > 1 else ''} {shown}{more}"
 
 
 def check_train_on(format: str, train_on: str | None) -> str:  # pylint: disable=redefined-builtin
@@ -169,10 +228,11 @@ class Chat:
   """A tokenizer's chat template, rendered to token ids; locates turns by token prefixes."""
 
   def __init__(self, tokenizer: Tokenizer) -> None:
-    if tokenizer.chat_template is None:
-      raise ValueError("Conversational data needs a tokenizer with a chat template.")
     self.tokenizer = tokenizer
-    self.template = tokenizer.chat_template
+    self.template = tokenizer.require_chat_template(
+        "conversational data (a 'messages' list, or a 'prompt' that is a list of messages)",
+        alternative="or use plain-text data: string prompts with format prompt_completion, or "
+        "format text")
     self.stops = frozenset(tokenizer.eos_ids)
     self.has_generation = bool(_GENERATION_TAG.search(self.template))
 
@@ -310,6 +370,7 @@ def to_example(row: Mapping[str, Any], tokenizer: Tokenizer, *,
   Raises:
     DataError: the row is bad (missing field, wrong type, empty completion or text, unknown
       role, no token to train on, a template that rejects it); its `where` is unset.
+    TokenizerError: a conversational row and a tokenizer without a chat template.
   """
   train_on = check_train_on(format, train_on)
   if format == "messages":
@@ -332,25 +393,38 @@ def tokenize_rows(rows: Iterable[Row], tokenizer: Tokenizer, *,
 
   Args:
     format: "auto" (from the fields present in any row: messages, else prompt/completion,
-      else text), or one of `FORMATS`.
+      else text; `detect_rows_format`), or one of `FORMATS`.
     on_bad_row: "error" raises the first bad row's `DataError` ("file row N: field ..."),
       "skip" skips bad rows and counts them by reason in `Tokenized.skipped`.
+
+  Each example's `where` is its row's. A tokenizer without the chat template a conversational
+  row needs raises `TokenizerError` ("file row N: the tokenizer in <folder> has no chat
+  template ...") in both modes: skipping would drop every conversation.
   """
   if on_bad_row not in ("error", "skip"):
     raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}.")
   rows = list(rows)
   if format == "auto":
-    format = detect_format(key for row in rows if isinstance(row.data, dict) for key in row.data)
+    format = detect_rows_format(rows)
   train_on = check_train_on(format, train_on)
   examples, skipped = [], collections.Counter()
   for row in rows:
     try:
       if isinstance(row.data, DataError):
         raise row.data
-      examples.append(to_example(row.data, tokenizer, format=format, train_on=train_on,
-                                 add_eos=add_eos))
+      example = to_example(row.data, tokenizer, format=format, train_on=train_on,
+                           add_eos=add_eos)
+      examples.append(dataclasses.replace(example, where=row.where))
     except DataError as e:
       if on_bad_row == "error":
         raise e.at(row.where) from None
       skipped[e.reason] += 1
+    except TokenizerError as e:  # not the row's fault: never skipped, but located
+      raise located(e, row.where) from None
   return Tokenized(examples, dict(skipped), format)
+
+
+def located(error: TokenizerError, where: str) -> TokenizerError:
+  """`error` with "<where>: " in front (the row that needed what the tokenizer lacks)."""
+  message = str(error)
+  return TokenizerError(f"{where}: {message[:1].lower()}{message[1:]}")

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxpost.data.epochs import EpochIterator, InputStats, example_bytes, fingerprint_of
+from jaxpost.data.epochs import (EpochIterator, InputStats, example_bytes, files_of,
+                                 fingerprint_of, nothing_to_batch)
 from jaxpost.data.formats import Example, Tokenized
 from jaxpost.data.packing import (TruncationStats, make_rows, packing_efficiency, plan_rows,
                                   truncate)
@@ -88,10 +89,13 @@ class BatchIterator(EpochIterator):
     limit = seq_len if max_length is None else min(max_length, seq_len)
     self._examples, self._truncation = truncate(examples, limit)
     if not self._examples:
-      raise ValueError("No examples to batch (every row was skipped or dropped).")
+      t = self._truncation
+      raise ValueError(nothing_to_batch("examples", self._skipped, t.dropped_examples,
+                                        t.dropped_rows, limit))
     self._lengths = np.array([len(e) for e in self._examples], np.int64)
     self.seq_len, self.pack, self.pad_id = seq_len, pack, pad_id
     self._unit = f"rows of {seq_len} tokens"
+    self._source = files_of(e.where for e in self._examples)
     settings = [batch_size, seq_len, pack, shuffle, seed, drop_remainder, max_length, pad_id,
                 len(self._examples)]
     chunks = itertools.chain([self._lengths.tobytes()],
@@ -117,5 +121,7 @@ class BatchIterator(EpochIterator):
         target_tokens=sum(e.num_targets for e in self._examples),
         skipped_rows=dict(self._skipped), truncated_examples=t.truncated_examples,
         truncated_tokens=t.truncated_tokens, dropped_examples=t.dropped_examples,
+        truncated_target_tokens=t.truncated_target_tokens,
+        truncated_rows=list(t.truncated_rows), dropped_rows=list(t.dropped_rows),
         rows_per_epoch=len(plan), batches_per_epoch=self._count_batches(len(plan)),
         packing_efficiency=packing_efficiency(self._lengths, plan, self.seq_len))

@@ -33,14 +33,31 @@ from jaxpost.data.formats import Example
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
+NAMED_ROWS = 3  # how many truncated (and dropped) examples `TruncationStats` names
+
+
 @dataclasses.dataclass(frozen=True)
 class TruncationStats:
   """What `truncate` cut: examples shortened, tokens dropped, examples dropped entirely
-  because truncation left them no target token (a prompt longer than `max_length`)."""
+  because truncation left them no target token (a prompt longer than `max_length`).
+
+  truncated_target_tokens: the trained tokens among `truncated_tokens`.
+  truncated_rows, dropped_rows: where the first `NAMED_ROWS` truncated (dropped included) and
+    dropped examples came from: their `Example.where` ("data/train.jsonl row 17"), else
+    their index ("example i" for `truncate`, "item i" for preference items).
+  """
 
   truncated_examples: int = 0
   truncated_tokens: int = 0
   dropped_examples: int = 0
+  truncated_target_tokens: int = 0
+  truncated_rows: tuple[str, ...] = ()
+  dropped_rows: tuple[str, ...] = ()
+
+
+def origin(example: Example, index: int) -> str:
+  """Where an example came from, for messages: its `where`, else "example <index>"."""
+  return example.where if example.where is not None else f"example {index}"
 
 
 def truncate(examples: Sequence[Example],
@@ -48,24 +65,33 @@ def truncate(examples: Sequence[Example],
   """Keeps the first `max_length` tokens of each example (None: no limit).
 
   Examples left with no target token are dropped (and counted): they would cost compute and
-  train nothing.
+  train nothing. The stats name the rows of the first few cut and dropped examples.
   """
   if max_length is None:
     return list(examples), TruncationStats()
   if max_length < 2:
     raise ValueError(f"max_length should be at least 2 (an input and a target), got "
                      f"{max_length}.")
-  kept, truncated, tokens, dropped = [], 0, 0, 0
-  for example in examples:
+  kept, truncated, tokens, targets, dropped = [], 0, 0, 0, 0
+  truncated_rows: list[str] = []
+  dropped_rows: list[str] = []
+  for i, example in enumerate(examples):
     if len(example) > max_length:
       truncated += 1
       tokens += len(example) - max_length
-      example = Example(example.tokens[:max_length], example.loss_mask[:max_length])
+      if len(truncated_rows) < NAMED_ROWS:
+        truncated_rows.append(origin(example, i))
+      cut = Example(example.tokens[:max_length], example.loss_mask[:max_length], example.where)
+      targets += example.num_targets - cut.num_targets
+      example = cut
       if example.num_targets == 0:
         dropped += 1
+        if len(dropped_rows) < NAMED_ROWS:
+          dropped_rows.append(origin(example, i))
         continue
     kept.append(example)
-  return kept, TruncationStats(truncated, tokens, dropped)
+  return kept, TruncationStats(truncated, tokens, dropped, targets, tuple(truncated_rows),
+                               tuple(dropped_rows))
 
 
 def plan_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, *,

@@ -64,12 +64,12 @@ import numpy as np
 from jaxpost.data.errors import (EMPTY, MISSING_FIELD, TEMPLATE, WRONG_TYPE, DataError,
                                  field_error)
 from jaxpost.data.formats import (Chat, Example, check_messages, check_string, get_field,
-                                  prompt_completion_example)
+                                  located, prompt_completion_example)
 from jaxpost.data.packing import make_rows
 from jaxpost.data.pipeline import pad_id_of
 from jaxpost.data.preference_iterator import PreferenceIterator, PreferenceStats
 from jaxpost.data.sources import Row, read_rows
-from jaxpost.tokenizer import Tokenizer
+from jaxpost.tokenizer import Tokenizer, TokenizerError
 
 IDENTICAL = "identical"  # the skipped-rows reason of a pair whose sides are the same
 
@@ -109,11 +109,13 @@ class Pair:
 
   chosen, rejected: `Example`s (token ids and the mask of trained tokens: the completion's)
     that start with the same `prompt_length` prompt tokens.
+  where: the row it came from ("pairs.jsonl row 3"), or None; only for messages.
   """
 
   chosen: Example
   rejected: Example
   prompt_length: int
+  where: str | None = None
 
   @property
   def examples(self) -> tuple[Example, Example]:
@@ -131,17 +133,18 @@ class Pair:
                for e in self.examples]
     chosen, rejected = (_cut(e, *w) for e, w in zip(self.examples, windows))
     start, end = windows[0]
-    return Pair(chosen, rejected, min(self.prompt_length, end) - start)
+    return Pair(chosen, rejected, min(self.prompt_length, end) - start, self.where)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Unpaired:
   """A tokenised KTO row: `example` starts with `prompt_length` prompt tokens; `label` is True
-  for a desirable completion."""
+  for a desirable completion; `where` the row it came from, or None (only for messages)."""
 
   example: Example
   prompt_length: int
   label: bool
+  where: str | None = None
 
   @property
   def examples(self) -> tuple[Example]:
@@ -154,7 +157,7 @@ class Unpaired:
   def truncate(self, max_length: int | None, max_prompt_length: int | None) -> Unpaired:
     start, end = _window(len(self.example), self.prompt_length, max_length, max_prompt_length)
     return Unpaired(_cut(self.example, start, end), min(self.prompt_length, end) - start,
-                    self.label)
+                    self.label, self.where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def to_pair(row: Mapping[str, Any], tokenizer: Tokenizer) -> Pair:
   Raises:
     DataError: a missing field, a wrong type, an empty side, identical sides, a template that
       rejects the conversation; its `where` is unset (`tokenize_pairs` adds it).
-    ValueError: conversational data and a tokenizer without a chat template.
+    TokenizerError: conversational data and a tokenizer without a chat template.
   """
   chosen, rejected = get_field(row, "chosen"), get_field(row, "rejected")
   offset = 0
@@ -294,11 +297,13 @@ def _tokenize(rows: Iterable[Row], convert: Callable[[Mapping[str, Any]], Any],
     try:
       if isinstance(row.data, DataError):
         raise row.data
-      items.append(convert(row.data))
+      items.append(dataclasses.replace(convert(row.data), where=row.where))
     except DataError as e:
       if on_bad_row == "error":
         raise e.at(row.where) from None
       skipped[e.reason] += 1
+    except TokenizerError as e:  # not the row's fault: never skipped, but located
+      raise located(e, row.where) from None
   return PreferenceTokenized(items, dict(skipped))
 
 

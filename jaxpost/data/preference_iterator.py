@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxpost.data.epochs import EpochIterator, InputStats, example_bytes, fingerprint_of
-from jaxpost.data.packing import TruncationStats
+from jaxpost.data.epochs import (EpochIterator, InputStats, example_bytes, files_of,
+                                 fingerprint_of, nothing_to_batch)
+from jaxpost.data.packing import NAMED_ROWS, TruncationStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,20 +40,33 @@ class PreferenceStats(InputStats):
   desirable: int | None = None
   undesirable: int | None = None
 
+  def unit(self) -> str:
+    return "pairs" if self.desirable is None else "rows"
+
 
 def _truncate(items: list[Any], max_length: int | None,
               max_prompt_length: int | None) -> tuple[list[Any], TruncationStats]:
-  """Items cut by their `truncate`, those left untrainable dropped; what was cut."""
-  kept, truncated, tokens, dropped = [], 0, 0, 0
-  for item in items:
+  """Items cut by their `truncate`, those left untrainable dropped; what was cut (naming the
+  rows of the first few cut and dropped items)."""
+  kept, truncated, tokens, targets, dropped = [], 0, 0, 0, 0
+  truncated_rows: list[str] = []
+  dropped_rows: list[str] = []
+  for i, item in enumerate(items):
     cut = item.truncate(max_length, max_prompt_length)
+    where = item.where if item.where is not None else f"item {i}"
     lost = sum(len(a) - len(b) for a, b in zip(item.examples, cut.examples))
     truncated, tokens = truncated + (lost > 0), tokens + lost
+    targets += sum(a.num_targets - b.num_targets for a, b in zip(item.examples, cut.examples))
+    if lost > 0 and len(truncated_rows) < NAMED_ROWS:
+      truncated_rows.append(where)
     if cut.trainable:
       kept.append(cut)
     else:
       dropped += 1
-  return kept, TruncationStats(truncated, tokens, dropped)
+      if len(dropped_rows) < NAMED_ROWS:
+        dropped_rows.append(where)
+  return kept, TruncationStats(truncated, tokens, dropped, targets, tuple(truncated_rows),
+                               tuple(dropped_rows))
 
 
 def _item_bytes(item: Any) -> Iterator[bytes]:
@@ -105,8 +119,11 @@ class PreferenceIterator(EpochIterator):
     self._items, self._truncation = _truncate(items, self.limit, max_prompt_length)
     self._skipped = dict(skipped)
     if not self._items:
-      raise ValueError("No preference items to batch (every row was skipped or dropped).")
+      t = self._truncation
+      raise ValueError(nothing_to_batch("preference items", self._skipped, t.dropped_examples,
+                                        t.dropped_rows, self.limit))
     self.collate, self.seq_len, self.pad_id = collate, seq_len, pad_id
+    self._source = files_of(item.where for item in self._items)
     settings = [getattr(collate, "__name__", repr(collate)), batch_size, seq_len, shuffle, seed,
                 drop_remainder, max_length, max_prompt_length, pad_id, len(self._items)]
     chunks = (chunk for item in self._items for chunk in _item_bytes(item))
@@ -140,6 +157,8 @@ class PreferenceIterator(EpochIterator):
         examples=len(self._items), tokens=sum(len(e) for e in examples),
         target_tokens=sum(e.num_targets for e in examples), skipped_rows=dict(self._skipped),
         truncated_examples=t.truncated_examples, truncated_tokens=t.truncated_tokens,
-        dropped_examples=t.dropped_examples, batches_per_epoch=self.batches_per_epoch,
+        dropped_examples=t.dropped_examples, truncated_target_tokens=t.truncated_target_tokens,
+        truncated_rows=list(t.truncated_rows), dropped_rows=list(t.dropped_rows),
+        batches_per_epoch=self.batches_per_epoch,
         desirable=sum(labels) if labels else None,
         undesirable=len(labels) - sum(labels) if labels else None)

@@ -20,15 +20,23 @@ but counted), the element index + 1 for a JSON array, the data row (header exclu
 parquet. Local files (all of a folder's together) form the "train" split, which `split` may
 slice ("train[:100]", "train[10%:]"); a name that is not a local path is passed to
 `datasets.load_dataset(name, split=split)` as a hub dataset (not tested: offline).
+
+Data files must be UTF-8 (a leading byte-order mark is allowed). A JSON lines row that is not
+UTF-8 is a bad row like an invalid JSON line ("file row N: not valid UTF-8 ..."); in a JSON
+array or csv file it makes the whole file unreadable ("file line N: not valid UTF-8 ...").
+A source with no row at all (an empty file, a folder of empty files, a split that selects
+nothing) raises `DataError` naming it, as does a csv or parquet file that cannot be read.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jaxpost.data.errors import INVALID_JSON, WRONG_TYPE, DataError
+from jaxpost.data.errors import (ENCODING, INVALID_JSON, NO_ROWS, UNREADABLE, WRONG_TYPE,
+                                 DataError)
 
 if TYPE_CHECKING:
   import datasets
@@ -85,12 +93,39 @@ def _is_local(path_or_name: str | Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _json_lines(path: Path, text: str) -> list[Row]:
+_UTF8_HINT = ("the data file must be UTF-8: convert it (e.g. `iconv -f latin1 -t utf-8 old > new`, "
+              "with the file's encoding in place of latin1)")
+
+
+def _encoding_detail(error: UnicodeDecodeError, column: int) -> str:
+  """What is wrong with a line that is not UTF-8 (`column`: 1-based byte of the line)."""
+  return (f"not valid UTF-8: byte 0x{error.object[error.start]:02x} at column {column}; "
+          f"{_UTF8_HINT}")
+
+
+def _encoding_error(path: Path, data: bytes, error: UnicodeDecodeError) -> DataError:
+  """The error of a whole file (`data`) that is not UTF-8, located at its line."""
+  line = data.count(b"\n", 0, error.start) + 1
+  column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+  return DataError(ENCODING, _encoding_detail(error, column), where=f"{path} line {line}")
+
+
+def _json_lines(path: Path, data: bytes) -> list[Row]:
+  """One row per non-blank line of `data` (split on "\\n" only, so that a line separator
+  inside a JSON string, such as U+2028, does not split a row); a line that is not UTF-8 or not
+  JSON comes back as its `DataError`."""
   rows = []
-  for number, line in enumerate(text.splitlines(), start=1):
+  for number, raw in enumerate(data.split(b"\n"), start=1):
+    if number == 1 and raw.startswith(codecs.BOM_UTF8):
+      raw = raw[len(codecs.BOM_UTF8):]
+    where = f"{path} row {number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      rows.append(Row(where, DataError(ENCODING, _encoding_detail(e, e.start + 1), where=where)))
+      continue
     if not line.strip():
       continue
-    where = f"{path} row {number}"
     try:
       value = json.loads(line)
     except json.JSONDecodeError as e:
@@ -108,18 +143,30 @@ def _not_an_object(where: str, value: Any) -> DataError:
 
 def _read_json(path: Path) -> list[Row]:
   """A JSON array of objects, a single object, or (as datasets accepts) JSON lines in .json."""
-  text = path.read_text(encoding="utf-8")
+  data = path.read_bytes()
   if _kind(path) == "jsonl":
-    return _json_lines(path, text)
+    return _json_lines(path, data)
+  is_array = data.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    if is_array:
+      raise _encoding_error(path, data, e) from None
+    return _json_lines(path, data)  # JSON lines in a .json file: the row says where
   try:
     value = json.loads(text)
-  except json.JSONDecodeError:
-    return _json_lines(path, text)  # JSON lines in a .json file, or invalid: lines say where
+  except json.JSONDecodeError as e:
+    if is_array:  # one document: its error's line, not the lines of a JSON lines file
+      raise DataError(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno}); the file is "
+                      "read as one JSON array of objects", where=f"{path} line {e.lineno}") \
+          from None
+    return _json_lines(path, data)  # JSON lines in a .json file, or invalid: lines say where
   if isinstance(value, dict):
     return [Row(f"{path} row 1", value)]
   if not isinstance(value, list):
     raise DataError(WRONG_TYPE, f"a JSON data file should hold an array of objects, got "
-                    f"{type(value).__name__}", where=str(path))
+                    f"{type(value).__name__}; write [{{...}}, {{...}}] in .json, or one object per "
+                    "line in a .jsonl file", where=str(path))
   rows = []
   for number, item in enumerate(value, start=1):
     where = f"{path} row {number}"
@@ -128,27 +175,117 @@ def _read_json(path: Path) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points
+# csv and parquet
 # ---------------------------------------------------------------------------------------------
 
 
 def _load_typed(path: Path) -> datasets.Dataset:
+  """A csv or parquet file as a Dataset; an unreadable file raises `DataError` naming it (its
+  line, for a csv file that is not UTF-8; `NO_ROWS` for one without data rows)."""
   import datasets  # pylint: disable=import-outside-toplevel
 
-  return datasets.load_dataset(_kind(path), data_files={"train": [str(path)]}, split="train")
+  try:
+    return datasets.load_dataset(_kind(path), data_files={"train": [str(path)]}, split="train")
+  except Exception as e:  # pylint: disable=broad-except  # datasets wraps the reader's error
+    raise _typed_file_error(path, e) from e
+
+
+def _typed_file_error(path: Path, error: Exception) -> DataError:
+  """Why datasets could not read a csv or parquet file, found by looking at the file."""
+  kind = _kind(path)
+  if path.stat().st_size == 0:
+    return _no_rows(path, "the file is empty")
+  if kind == "csv":
+    data = path.read_bytes()
+    try:
+      text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      return _encoding_error(path, data, e)
+    if sum(1 for line in text.splitlines() if line.strip()) <= 1:
+      return _no_rows(path, "it has a header line and no data rows")
+  else:
+    try:
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+      if pq.ParquetFile(path).metadata.num_rows == 0:
+        return _no_rows(path, "its table has no rows")
+    except Exception:  # pylint: disable=broad-except  # not parquet: said below
+      pass
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  return DataError(UNREADABLE, f"cannot read it as a {kind} file ({type(cause).__name__}: "
+                   f"{cause}); check that it is a complete {kind} file, or write it again",
+                   where=str(path))
+
+
+def _no_rows(source: str | Path, why: str,
+             todo: str = "check the path, and that the file was written completely") -> DataError:
+  return DataError(NO_ROWS, f"{source} has no rows: {why}; {todo}")
+
+
+def _why_empty(path: Path) -> str:
+  """Why a local data file gave no rows."""
+  if path.stat().st_size == 0:
+    return "the file is empty"
+  kind = _kind(path)
+  if kind == "json" and path.read_bytes().strip(codecs.BOM_UTF8 + b" \t\r\n") == b"[]":
+    return "it holds an empty JSON array"
+  if kind in ("json", "jsonl"):
+    return "it holds only blank lines"
+  if kind == "csv":
+    return "it has a header line and no data rows"
+  return "its table has no rows"
+
+
+def _load_typed_or_none(path: Path) -> datasets.Dataset | None:
+  """`_load_typed`, None for a file without data rows."""
+  try:
+    return _load_typed(path)
+  except DataError as e:
+    if e.reason == NO_ROWS:
+      return None
+    raise
+
+
+def _file_rows(path: Path) -> list[Row]:
+  """The rows of one local data file ([] for a csv or parquet file without data rows)."""
+  if _kind(path) in ("jsonl", "json"):
+    return _read_json(path)
+  dataset = _load_typed_or_none(path)
+  return [] if dataset is None else _dataset_rows(dataset, str(path))
+
+
+def _empty_error(source: str | Path, files: list[Path]) -> DataError:
+  """The error of a local source whose files gave no rows."""
+  if len(files) == 1 and not Path(source).is_dir():
+    return _no_rows(files[0], _why_empty(files[0]))
+  names = ", ".join(p.name for p in files)
+  return _no_rows(source, f"its data files ({names}) hold no rows",
+                  "check the path, and that the files were written completely")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
 
 
 def _dataset_rows(dataset: datasets.Dataset, label: str) -> list[Row]:
   return [Row(f"{label} row {number}", dict(row)) for number, row in enumerate(dataset, start=1)]
 
 
-def _split_indices(split: str, n: int) -> range | list[int]:
+def _split_indices(split: str, n: int, source: str | Path) -> range | list[int]:
   """The row indices a split of local files selects: "train", "train[:100]", "train[10%:]"."""
   if split == "train":
     return range(n)
   import datasets  # pylint: disable=import-outside-toplevel
 
-  parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": n})
+  try:
+    parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": n})
+  except ValueError as e:
+    raise DataError(WRONG_TYPE, f"split {split!r} does not apply to local files ({e}); they "
+                    "form one split, 'train': use 'train', 'train[:100]' or 'train[10%:]'",
+                    where=str(source)) from None
   return [i for part in parts for i in range(part.from_, part.to)]
 
 
@@ -162,21 +299,35 @@ def read_rows(source: str | Path | datasets.Dataset, *, split: str = "train",
               label: str | None = None) -> list[Row]:
   """Every row of `source` (a local file or folder, a hub name, or a `datasets.Dataset`).
 
-  Unreadable rows (invalid JSON, a non-object line) come back as `Row(where, DataError)`
-  instead of raising, so that the caller decides whether to stop or skip. `label` names an
-  in-memory dataset in messages (default "dataset").
+  Unreadable rows (invalid JSON, a non-object line, a JSON line that is not UTF-8) come back as
+  `Row(where, DataError)` instead of raising, so that the caller decides whether to stop or
+  skip. `label` names an in-memory dataset in messages (default "dataset").
+
+  Raises:
+    DataError: the source has no rows ("data/train.jsonl has no rows: the file is empty"), or
+      a file cannot be read at all (a csv or JSON array file that is not UTF-8, invalid JSON
+      in a JSON array, a file that is not parquet).
   """
   if not isinstance(source, (str, Path)):
-    return _dataset_rows(source, label or "dataset")
+    return _nonempty(_dataset_rows(source, label or "dataset"), label or "dataset")
   if not _is_local(source):
-    return _dataset_rows(_load_hub(str(source), split), label or str(source))
-  rows = []
-  for path in data_files(source):
-    if _kind(path) in ("jsonl", "json"):
-      rows.extend(_read_json(path))
-    else:
-      rows.extend(_dataset_rows(_load_typed(path), str(path)))
-  return [rows[i] for i in _split_indices(split, len(rows))]
+    name = label or str(source)
+    return _nonempty(_dataset_rows(_load_hub(str(source), split), name), f"{name} ({split})")
+  files = data_files(source)
+  rows = [row for path in files for row in _file_rows(path)]
+  if not rows:
+    raise _empty_error(source, files)
+  selected = [rows[i] for i in _split_indices(split, len(rows), source)]
+  if not selected:
+    raise DataError(NO_ROWS, f"split {split!r} selects none of its {len(rows)} rows; choose "
+                    "another slice", where=str(source))
+  return selected
+
+
+def _nonempty(rows: list[Row], name: str) -> list[Row]:
+  if not rows:
+    raise _no_rows(name, "the dataset is empty", "check its name and split")
+  return rows
 
 
 def load_rows(path_or_name: str | Path, *, split: str = "train") -> datasets.Dataset:
@@ -187,8 +338,9 @@ def load_rows(path_or_name: str | Path, *, split: str = "train") -> datasets.Dat
   is passed to `datasets.load_dataset(path_or_name, split=split)`.
 
   Raises:
-    DataError: an invalid JSON line or a row that is not an object ("file row N: ..."), or
-      JSON rows whose fields have types Arrow cannot unify (the first such row and field).
+    DataError: an invalid JSON line or a row that is not an object ("file row N: ..."), JSON
+      rows whose fields have types Arrow cannot unify (the first such row and field), or a
+      source that has no rows or cannot be read (as `read_rows`).
   """
   import datasets  # pylint: disable=import-outside-toplevel
 
@@ -196,12 +348,16 @@ def load_rows(path_or_name: str | Path, *, split: str = "train") -> datasets.Dat
     return _load_hub(str(path_or_name), split)
   files = data_files(path_or_name)
   if _kind(files[0]) not in ("jsonl", "json"):
-    parts = [_load_typed(path) for path in files]
+    parts = [part for part in map(_load_typed_or_none, files) if part is not None]
+    if not parts:
+      raise _empty_error(path_or_name, files)
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return dataset if split == "train" else dataset.select(
-        _split_indices(split, dataset.num_rows))
+        _split_indices(split, dataset.num_rows, path_or_name))
   rows = [row for path in files for row in _read_json(path)]
-  rows = [rows[i] for i in _split_indices(split, len(rows))]
+  if not rows:
+    raise _empty_error(path_or_name, files)
+  rows = [rows[i] for i in _split_indices(split, len(rows), path_or_name)]
   for row in rows:
     if isinstance(row.data, DataError):
       raise row.data

@@ -38,37 +38,73 @@ _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
 class ConfigError(ValueError):
-  """A config.json that jaxpost cannot represent; the message names the key."""
+  """A config.json that jaxpost cannot represent; the message names the file and the key."""
 
 
-def _rope_from_dict(d: dict, default_theta: float, where: str) -> RopeConfig:
+_FIX = "fix it, or take config.json from the original model"
+
+
+def json_type(value: Any) -> str:
+  """The JSON name of a parsed value's type: "object", "list", "string", "number", ..."""
+  if isinstance(value, bool):
+    return "boolean"
+  if value is None:
+    return "null"
+  names = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
+  return names.get(type(value), type(value).__name__)
+
+
+def _number(value: Any, key: str, where: str, kind: type) -> Any:
+  """`value` as an int or a float (`kind`); a `ConfigError` naming `where` and `key` if it is
+  not a number of that kind (an int given as 4.0 is accepted)."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and kind is int and float(value).is_integer():
+    return int(value)
+  if ok and kind is float:
+    return float(value)
+  what = "an integer" if kind is int else "a number"
+  raise ConfigError(f"{where}: {key} should be {what}, got {json_type(value)} {value!r}; {_FIX}")
+
+
+def _rope_from_dict(d: Any, default_theta: float, where: str) -> RopeConfig:
+  if not isinstance(d, dict):
+    raise ConfigError(f"{where} should be an object, got {json_type(d)} {d!r}; {_FIX}")
   rope_type = d.get("rope_type", d.get("type", "default")) or "default"
-  theta = float(d.get("rope_theta", default_theta))
+
+  def need(key: str, kind: type = float) -> Any:
+    if d.get(key) is None:
+      raise ConfigError(f"{where}: rope type {rope_type!r} needs key {key!r}, which is missing; "
+                        f"{_FIX}")
+    return _number(d[key], key, where, kind)
+
+  def get(key: str, default: Any, kind: type = float) -> Any:
+    return default if d.get(key) is None else _number(d[key], key, where, kind)
+
+  theta = get("rope_theta", default_theta)
   if rope_type == "default":
     return RopeConfig(theta=theta)
   if rope_type == "linear":
-    return RopeConfig(theta=theta, rope_type="linear", factor=float(d["factor"]))
+    return RopeConfig(theta=theta, rope_type="linear", factor=need("factor"))
   if rope_type == "llama3":
     return RopeConfig(
-        theta=theta, rope_type="llama3", factor=float(d["factor"]),
-        low_freq_factor=float(d["low_freq_factor"]), high_freq_factor=float(d["high_freq_factor"]),
-        original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+        theta=theta, rope_type="llama3", factor=need("factor"),
+        low_freq_factor=need("low_freq_factor"), high_freq_factor=need("high_freq_factor"),
+        original_max_position_embeddings=need("original_max_position_embeddings", int))
   if rope_type == "yarn":
-    factor = float(d["factor"])
-    attention_factor = d.get("attention_factor")
-    mscale, mscale_all_dim = d.get("mscale"), d.get("mscale_all_dim")
+    factor = need("factor")
+    attention_factor = get("attention_factor", None)
+    mscale, mscale_all_dim = get("mscale", None), get("mscale_all_dim", None)
     if attention_factor is None and mscale and mscale_all_dim:
-      def get(scale, m):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-      attention_factor = get(factor, mscale) / get(factor, mscale_all_dim)
+      def scale(s, m):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+      attention_factor = scale(factor, mscale) / scale(factor, mscale_all_dim)
     return RopeConfig(
         theta=theta, rope_type="yarn", factor=factor,
-        original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+        original_max_position_embeddings=need("original_max_position_embeddings", int),
         beta_fast=float(d.get("beta_fast") or 32.0), beta_slow=float(d.get("beta_slow") or 1.0),
-        attention_factor=None if attention_factor is None else float(attention_factor),
-        truncate=bool(d.get("truncate", True)))
-  raise ConfigError(
-      f"{where}: rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn)")
+        attention_factor=attention_factor, truncate=bool(d.get("truncate", True)))
+  raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (supported: default, "
+                    "linear, llama3, yarn)")
 
 
 def _rope_to_dict(r: RopeConfig) -> dict:
@@ -89,14 +125,22 @@ def _rope_to_dict(r: RopeConfig) -> dict:
 
 
 def config_from_hf(d: dict, *, source: str = "config.json") -> ModelConfig:
-  """A `ModelConfig` from a parsed HF config.json; errors name `source` and the key."""
+  """A `ModelConfig` from a parsed HF config.json; errors name `source` and the key.
+
+  Raises:
+    ConfigError: `d` is not a JSON object, a required key is missing, a key has the wrong type
+      or a value jaxpost does not support (the message names `source` and the key).
+  """
+  if not isinstance(d, dict):
+    raise ConfigError(f"{source} must hold a JSON object, got a {json_type(d)}; {_FIX}")
   model_type = d.get("model_type")
   if model_type == "gemma3" and "text_config" in d:
     raise ConfigError(
         f"{source}: model_type 'gemma3' is the multimodal Gemma 3; jaxpost loads the text-only "
         "'gemma3_text' layout (Gemma3ForCausalLM). Convert the checkpoint to its language model.")
-  if model_type not in _FAMILIES:
-    raise ConfigError(f"{source}: unknown model_type {model_type!r}; jaxpost supports "
+  if not isinstance(model_type, str) or model_type not in _FAMILIES:
+    what = "no model_type" if model_type is None else f"unknown model_type {model_type!r}"
+    raise ConfigError(f"{source}: {what}; jaxpost supports "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
   if d.get("use_bidirectional_attention"):
     raise ConfigError(f"{source}: use_bidirectional_attention=true (an encoder) is not supported")
@@ -108,17 +152,29 @@ def config_from_hf(d: dict, *, source: str = "config.json") -> ModelConfig:
 
   def need(key):
     if d.get(key) is None:
-      raise ConfigError(f"{source}: required key {key!r} is missing")
+      raise ConfigError(f"{source}: required key {key!r} is missing (a {model_type} config.json "
+                        f"has it); {_FIX}")
     return d[key]
 
-  hidden, heads, layers = int(need("hidden_size")), int(need("num_attention_heads")), int(
-      need("num_hidden_layers"))
-  head_dim = int(get("head_dim") or hidden // heads)
+  def number(value, key, kind=int):
+    return None if value is None else _number(value, key, source, kind)
+
+  def optional(key, default, kind=int):
+    return number(d[key] if d.get(key) is not None else default, key, kind)
+
+  hidden = number(need("hidden_size"), "hidden_size")
+  heads = number(need("num_attention_heads"), "num_attention_heads")
+  layers = number(need("num_hidden_layers"), "num_hidden_layers")
+  for key, value in (("hidden_size", hidden), ("num_attention_heads", heads),
+                     ("num_hidden_layers", layers)):
+    if value < 1:
+      raise ConfigError(f"{source}: {key} should be at least 1, got {value}; {_FIX}")
+  head_dim = number(get("head_dim"), "head_dim") or hidden // heads
   act_name = d.get("hidden_activation") or d.get("hidden_act") or (
       "gelu_pytorch_tanh" if model_type in _GEMMAS else "silu")
   if model_type in _GEMMAS and act_name == "gelu":
     act_name = "gelu_pytorch_tanh"  # HF runs Gemma's legacy "gelu" as the tanh approximation
-  if act_name not in _ACTIVATIONS:
+  if not isinstance(act_name, str) or act_name not in _ACTIVATIONS:
     raise ConfigError(f"{source}: hidden_act {act_name!r} is not supported "
                       f"(supported: {', '.join(_ACTIVATIONS)})")
 
@@ -128,21 +184,32 @@ def config_from_hf(d: dict, *, source: str = "config.json") -> ModelConfig:
     sliding_window = None
   if model_type in ("llama", "gemma"):
     sliding_window = None
+  sliding_window = number(sliding_window, "sliding_window")
   if d.get("layer_types") and model_type != "mistral":
-    unknown = [t for t in d["layer_types"] if t not in _LAYER_TYPES]
+    if not isinstance(d["layer_types"], list):
+      raise ConfigError(f"{source}: layer_types should be a list, got "
+                        f"{json_type(d['layer_types'])}; {_FIX}")
+    unknown = [t for t in d["layer_types"] if not isinstance(t, str) or t not in _LAYER_TYPES]
     if unknown:
-      raise ConfigError(f"{source}: layer_types entry {unknown[0]!r} is not supported")
+      raise ConfigError(f"{source}: layer_types entry {unknown[0]!r} is not supported "
+                        f"(supported: {', '.join(_LAYER_TYPES)})")
+    if len(d["layer_types"]) != layers:
+      raise ConfigError(f"{source}: layer_types has {len(d['layer_types'])} entries but "
+                        f"num_hidden_layers is {layers}; {_FIX}")
     layer_types = tuple(_LAYER_TYPES[t] for t in d["layer_types"])
   elif model_type == "mistral":
     layer_types = ("sliding" if sliding_window else "full",) * layers
   elif model_type in ("qwen2", "qwen3"):
-    start = int(d.get("max_window_layers", 28))
+    start = optional("max_window_layers", 28)
     layer_types = tuple("sliding" if sliding_window is not None and i >= start else "full"
                         for i in range(layers))
   elif model_type == "gemma2":
     layer_types = tuple("sliding" if (i + 1) % 2 else "full" for i in range(layers))
   elif model_type == "gemma3_text":
-    pattern = int(d.get("sliding_window_pattern", 6))
+    pattern = optional("sliding_window_pattern", 6)
+    if pattern < 1:
+      raise ConfigError(f"{source}: sliding_window_pattern should be at least 1, got {pattern}; "
+                        f"{_FIX}")
     layer_types = tuple("sliding" if (i + 1) % pattern else "full" for i in range(layers))
   else:
     layer_types = ("full",) * layers
@@ -162,24 +229,29 @@ def config_from_hf(d: dict, *, source: str = "config.json") -> ModelConfig:
     else:
       rope = _rope_from_dict(rp, get("rope_theta"), f"{source}: rope_parameters")
   else:
-    rope = _rope_from_dict(dict(d.get("rope_scaling") or {}, rope_theta=get("rope_theta")),
+    scaling = d.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+      raise ConfigError(f"{source}: rope_scaling should be an object or null, got "
+                        f"{json_type(scaling)} {scaling!r}; {_FIX}")
+    rope = _rope_from_dict(dict(scaling, rope_theta=get("rope_theta")),
                            get("rope_theta"), f"{source}: rope_scaling")
     if model_type == "gemma3_text":
-      local_rope = RopeConfig(theta=float(get("rope_local_base_freq")))
+      local_rope = RopeConfig(theta=number(get("rope_local_base_freq"), "rope_local_base_freq",
+                                           float))
   if local_rope == rope:
     local_rope = None
 
   attention_bias = bool(d.get("attention_bias", False))
-  return ModelConfig(
+  kwargs = dict(
       model_type=model_type,
-      vocab_size=int(need("vocab_size")),
+      vocab_size=number(need("vocab_size"), "vocab_size"),
       hidden_size=hidden,
       num_layers=layers,
       num_heads=heads,
-      num_kv_heads=int(d.get("num_key_value_heads") or heads),
+      num_kv_heads=number(d.get("num_key_value_heads"), "num_key_value_heads") or heads,
       head_dim=head_dim,
-      intermediate_size=int(need("intermediate_size")),
-      rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+      intermediate_size=number(need("intermediate_size"), "intermediate_size"),
+      rms_norm_eps=optional("rms_norm_eps", 1e-6, float),
       rope=rope,
       local_rope=local_rope,
       layer_types=layer_types,
@@ -193,21 +265,22 @@ def config_from_hf(d: dict, *, source: str = "config.json") -> ModelConfig:
       sandwich_norm=model_type in ("gemma2", "gemma3_text"),
       scale_embeddings=model_type in _GEMMAS,
       activation=_ACTIVATIONS[act_name],
-      query_pre_attn_scalar=(float(get("query_pre_attn_scalar"))
+      query_pre_attn_scalar=(number(get("query_pre_attn_scalar"), "query_pre_attn_scalar", float)
                              if model_type in ("gemma2", "gemma3_text") else None),
-      attn_logit_softcap=_opt_float(get("attn_logit_softcapping")),
-      final_logit_softcap=_opt_float(get("final_logit_softcapping")),
-      max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+      attn_logit_softcap=number(get("attn_logit_softcapping"), "attn_logit_softcapping", float),
+      final_logit_softcap=number(get("final_logit_softcapping"), "final_logit_softcapping",
+                                 float),
+      max_position_embeddings=optional("max_position_embeddings", 8192),
       bos_token_id=d.get("bos_token_id"),
       eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list)
       else d.get("eos_token_id"),
       pad_token_id=d.get("pad_token_id"),
       hf_source=json.dumps(d, sort_keys=True),
   )
-
-
-def _opt_float(x):
-  return None if x is None else float(x)
+  try:
+    return ModelConfig(**kwargs)
+  except ValueError as e:  # the config's own consistency checks (heads, layer types, ...)
+    raise ConfigError(f"{source}: {e}; {_FIX}") from None
 
 
 _OWNED_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq",

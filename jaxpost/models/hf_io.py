@@ -22,7 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.hf_config import config_from_hf, config_to_hf
+from jaxpost.models.hf_config import config_from_hf, config_to_hf, json_type
 from jaxpost.models.params import param_specs
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 from jaxpost.models.weights import is_weight_object, materialize
@@ -119,10 +119,13 @@ def _check_folder(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no config.json here; is this a Hugging Face model folder?")
   index = path / "model.safetensors.index.json"
   if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+      raise CheckpointError(
+          f"{index}: 'weight_map' should be an object of tensor name -> shard file name in this "
+          f"folder, got {_short(weight_map)}; write the index again, or take it from the "
+          "original model")
     files = sorted({path / f for f in weight_map.values()})
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -138,20 +141,54 @@ def _check_folder(path: Path) -> list[Path]:
         "files (they can run arbitrary code). Convert them to safetensors first, e.g. with "
         "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
         "safe_serialization=True), in an environment you trust.")
-  raise CheckpointError(f"{path}: no *.safetensors weights found")
+  raise CheckpointError(f"{path}: no *.safetensors weights found (expected model.safetensors, or "
+                        "shards listed in model.safetensors.index.json); download or export the "
+                        "weights into this folder")
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_json_object(path: Path) -> dict:
+  """A JSON file of a model folder that must hold an object (config.json, an index).
+
+  Raises:
+    CheckpointError: the file is not UTF-8, not valid JSON, or not an object; the message
+      names the file (and the line).
+  """
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise CheckpointError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                          "the file must be UTF-8 JSON: download or export it again") from None
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column "
+                          f"{e.colno}); fix it, or download or export it again") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path} must hold a JSON object, got a {json_type(value)}; fix it, "
+                          "or download or export it again")
+  return value
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-  """The `ModelConfig` of an HF model folder (no weights are read)."""
+  """The `ModelConfig` of an HF model folder (no weights are read).
+
+  Raises:
+    CheckpointError: no config.json, or one that is not a JSON object (not UTF-8, invalid JSON,
+      a list, ...); the message names the file.
+    ConfigError: a config.json jaxpost cannot represent (a missing or mistyped key, an
+      unsupported model type); the message names the file and the key.
+  """
   cfg_path = Path(path) / "config.json"
-  try:
-    d = json.loads(cfg_path.read_text())
-  except FileNotFoundError:
-    raise CheckpointError(f"{path}: no config.json here; is this a Hugging Face model folder?") \
-        from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-  return config_from_hf(d, source=str(cfg_path))
+  if not cfg_path.is_file():
+    raise CheckpointError(f"{path}: no config.json here; is this a Hugging Face model folder?")
+  return config_from_hf(read_json_object(cfg_path), source=str(cfg_path))
 
 
 def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,

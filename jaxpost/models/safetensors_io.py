@@ -27,11 +27,33 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsError(ValueError):
-  pass
+  """A file that is not a valid safetensors file; the message names it and says what to do."""
+
+
+_AGAIN = "download or export it again"
+
+
+def _not_safetensors(path: Path, head: bytes, size: int, n: int) -> SafetensorsError:
+  """The error of a file whose first 8 bytes are not a plausible header length."""
+  if head.startswith(b"version https://git-lfs"):
+    return SafetensorsError(f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs "
+                            "pull` in the model's repository) or download the file again")
+  if head.lstrip().startswith(b"<"):
+    return SafetensorsError(f"{path} is not a safetensors file (it looks like an HTML or XML "
+                            f"page, e.g. a failed download); {_AGAIN}")
+  return SafetensorsError(f"{path} is not a safetensors file, or a truncated one: its first 8 "
+                          f"bytes give a header of {n} bytes, but the file has {size} bytes; "
+                          f"{_AGAIN}")
 
 
 class SafetensorsFile:
-  """Lazy access to the tensors of one .safetensors file."""
+  """Lazy access to the tensors of one .safetensors file.
+
+  Raises (on opening):
+    SafetensorsError: the file is too short, not safetensors (a Git LFS pointer, an HTML page),
+      has a header that is not a JSON object of valid tensor entries, or is truncated (a
+      tensor's bytes lie beyond its end); the message names the file and the tensor.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
@@ -39,25 +61,58 @@ class SafetensorsFile:
     with open(self.path, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
-        raise SafetensorsError(f"{self.path}: too short to be a safetensors file")
+        raise SafetensorsError(f"{self.path} is too short to be a safetensors file ({size} "
+                               f"bytes); {_AGAIN}")
       (n,) = struct.unpack("<Q", raw)
-      if n > min(size - 8, _MAX_HEADER):
-        raise SafetensorsError(f"{self.path}: corrupt header length {n}")
+      if n < 2 or n > min(size - 8, _MAX_HEADER):
+        raise _not_safetensors(self.path, raw + f.read(64), size, n)
       try:
-        header = json.loads(f.read(n))
-      except json.JSONDecodeError as e:
-        raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
-    self.metadata = header.pop("__metadata__", None) or {}
+        header = json.loads(f.read(n).decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{self.path}: its header is not valid JSON ({e}); the file is "
+                               f"not safetensors, or corrupt; {_AGAIN}") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{self.path}: its header should be a JSON object, got "
+                             f"{type(header).__name__}; the file is corrupt; {_AGAIN}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+      raise SafetensorsError(f"{self.path}: its __metadata__ should be an object, got "
+                             f"{type(metadata).__name__}; {_AGAIN}")
+    self.metadata = metadata
     self._entries = header
     self._data_start = 8 + n
     self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size > 8 + n else None
     for name, e in header.items():
-      if e.get("dtype") not in _DTYPES:
-        raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-      start, end = e["data_offsets"]
-      expected = int(np.prod(e["shape"], dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
-      if end - start != expected or self._data_start + end > size:
-        raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated or corrupt")
+      self._check_entry(name, e, size)
+
+  def _check_entry(self, name: str, e, size: int) -> None:
+    """Checks one header entry: dtype, shape, offsets, and that its bytes are in the file."""
+    where = f"{self.path}: tensor {name!r}"
+    if not isinstance(e, dict):
+      raise SafetensorsError(f"{where} has a header entry that is not an object; {_AGAIN}")
+    if e.get("dtype") not in _DTYPES:
+      raise SafetensorsError(f"{where} has unsupported dtype {e.get('dtype')!r} (supported: "
+                             f"{', '.join(_DTYPES)})")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not (isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise SafetensorsError(f"{where} has an invalid shape {shape!r}; the file is corrupt; "
+                             f"{_AGAIN}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+        isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+      raise SafetensorsError(f"{where} has invalid data_offsets {offsets!r}; the file is "
+                             f"corrupt; {_AGAIN}")
+    start, end = offsets
+    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
+    if self._data_start + end > size:
+      raise SafetensorsError(f"{where} ends at byte {self._data_start + end}, but the file has "
+                             f"only {size} bytes: the file is truncated or corrupt (an interrupted "
+                             f"download or copy?); {_AGAIN}")
+    if end - start != expected:
+      raise SafetensorsError(f"{where} has {end - start} bytes of data, but its shape {shape} "
+                             f"and dtype {e['dtype']} need {expected}: the file is truncated or "
+                             f"corrupt; {_AGAIN}")
 
   def keys(self) -> list[str]:
     return list(self._entries)

@@ -16,6 +16,10 @@ reads it, without importing transformers and without running any code from the f
   take precedence over the config's `chat_template`.
 * `generation_config.json`: its `eos_token_id` (an int or a list) gives every stop id.
 
+A file that cannot be used (not UTF-8, invalid JSON, not a JSON object, a key of the wrong type)
+raises `TokenizerError` (a `ValueError`) naming the file and the key; so does asking for a chat
+template of a tokenizer without one, naming its folder and how to add one.
+
 Encoding follows transformers' ids (tests compare them), with one deliberate difference: BOS is
 never doubled. `encode(text)` with a text that already starts with the BOS token (a rendered chat
 template, say) does not add a second one, where transformers would.
@@ -30,7 +34,7 @@ the same ids either way.
 """
 
 from jaxpost.tokenizer.base import Tokenizer
-from jaxpost.tokenizer.config import AddedToken, TokenizerConfig
+from jaxpost.tokenizer.config import AddedToken, TokenizerConfig, TokenizerError
 from jaxpost.tokenizer.hf import HFTokenizer
 from jaxpost.tokenizer.loading import load_tokenizer
 from jaxpost.tokenizer.spm import SentencePieceTokenizer
@@ -41,5 +45,6 @@ __all__ = [
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerConfig",
+    "TokenizerError",
     "load_tokenizer",
 ]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxpost.chat_template import Message, render_chat_template, select_chat_template
-from jaxpost.tokenizer.config import AddedToken, TokenizerConfig
+from jaxpost.tokenizer.config import AddedToken, TokenizerConfig, TokenizerError
 
 
 class Tokenizer(abc.ABC):
@@ -20,7 +21,13 @@ class Tokenizer(abc.ABC):
   Subclasses provide the tokenizer model (`_encode_text`, `_decode_ids`, the vocabulary); this
   class adds BOS/EOS handling, the special-token views and chat templates. Use
   `load_tokenizer` to make one from a model folder.
+
+  Attributes:
+    path: the tokenizer file it was loaded from (`tokenizer.json`, `tokenizer.model`), or None;
+      its folder is named in errors ("the tokenizer in models/x has no chat template ...").
   """
+
+  path: Path | None = None
 
   def __init__(self, config: TokenizerConfig, *, inferred: Mapping[str, int | None] | None = None,
                adds_bos: bool = False, adds_eos: bool = False) -> None:
@@ -171,6 +178,31 @@ class Tokenizer(abc.ABC):
     templates = self._config.chat_templates
     return templates.get("default") if templates else None
 
+  def describe(self) -> str:
+    """"the tokenizer in <folder>" (or "this tokenizer" when not loaded from a file)."""
+    return "this tokenizer" if self.path is None else f"the tokenizer in {self.path.parent}"
+
+  def require_chat_template(self, needed_for: str = "rendering a conversation", *,
+                            alternative: str | None = None) -> str:
+    """The default chat template.
+
+    Raises:
+      TokenizerError: there is none; the message names the folder, `needed_for`, how to add
+        one and `alternative` (another way to go, e.g. another data format).
+    """
+    template = self.chat_template
+    if template is not None:
+      return template
+    folder = "the model folder" if self.path is None else str(self.path.parent)
+    named = sorted(self._config.chat_templates)
+    what = (f"has chat templates {named} but no 'default' one" if named
+            else "has no chat template")
+    fix = (f"add chat_template.jinja to {folder} or a \"chat_template\" to its "
+           "tokenizer_config.json (e.g. the instruct model's)")
+    who = self.describe()
+    raise TokenizerError(f"{who[:1].upper()}{who[1:]} {what}, needed for {needed_for}: {fix}"
+                         + (f", {alternative}" if alternative else "") + ".")
+
   @property
   def chat_templates(self) -> dict[str, str]:
     """Every chat template by name ("default", "tool_use", ...)."""
@@ -202,7 +234,10 @@ class Tokenizer(abc.ABC):
 
     Raises:
       ChatTemplateError: (a ValueError) the template rejected the conversation.
+      TokenizerError: (a ValueError) no `chat_template` is given and the tokenizer has none.
     """
+    if chat_template is None and not self._config.chat_templates:
+      self.require_chat_template(alternative="or pass one as `chat_template=`")
     template = select_chat_template(self._config.chat_templates, chat_template,
                                     has_tools=tools is not None)
     text = render_chat_template(

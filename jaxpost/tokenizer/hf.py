@@ -9,7 +9,7 @@ from pathlib import Path
 import tokenizers
 
 from jaxpost.tokenizer.base import Tokenizer
-from jaxpost.tokenizer.config import AddedToken, TokenizerConfig
+from jaxpost.tokenizer.config import AddedToken, TokenizerConfig, TokenizerError
 
 
 class HFTokenizer(Tokenizer):
@@ -18,10 +18,12 @@ class HFTokenizer(Tokenizer):
   def __init__(self, tokenizer_file: str | Path, config: TokenizerConfig | None = None) -> None:
     """Loads `tokenizer_file`; `config` holds what tokenizer_config.json & co. say."""
     config = config or TokenizerConfig()
+    self.path = Path(tokenizer_file)
     try:
       self._tk = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-      raise ValueError(f"Cannot read the Hugging Face tokenizer file {tokenizer_file}: {e}") from e
+      raise TokenizerError(f"Cannot read the Hugging Face tokenizer file {tokenizer_file}: {e}"
+                           ) from e
     self._tk.no_truncation()
     self._tk.no_padding()
     # Tokens the config adds (as transformers does): its added tokens, then the special tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxpost.tokenizer.base import Tokenizer
-from jaxpost.tokenizer.config import TokenizerConfig
+from jaxpost.tokenizer.config import TokenizerConfig, TokenizerError
 from jaxpost.tokenizer.hf import HFTokenizer
 from jaxpost.tokenizer.spm import SentencePieceTokenizer
 
@@ -23,7 +23,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
   Raises:
     FileNotFoundError: `path` does not exist, or the folder holds no tokenizer file.
-    ValueError: `path` is a file of a kind that cannot be loaded (e.g. pickled).
+    TokenizerError: (a ValueError) `path` is a file of a kind that cannot be loaded (e.g.
+      pickled), or a file of the folder is unreadable (the message names the file and key).
   """
   path = Path(path)
   if not path.exists():
@@ -40,8 +41,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return HFTokenizer(file, config)
   why = (" Pickled tokenizers are never loaded: unpickling can run arbitrary code."
          if file.suffix in _PICKLE_SUFFIXES else "")
-  raise ValueError(f"Cannot load {file} as a tokenizer: expected a Hugging Face tokenizer.json "
-                   f"or a sentencepiece .model file.{why}")
+  raise TokenizerError(f"Cannot load {file} as a tokenizer: expected a Hugging Face "
+                       f"tokenizer.json or a sentencepiece .model file.{why}")
 
 
 def _find_tokenizer_file(folder: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 import sentencepiece as spm
 
 from jaxpost.tokenizer.base import Tokenizer
-from jaxpost.tokenizer.config import AddedToken, TokenizerConfig
+from jaxpost.tokenizer.config import AddedToken, TokenizerConfig, TokenizerError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -30,10 +30,11 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, model_file: str | Path, config: TokenizerConfig | None = None) -> None:
     """Loads `model_file`; `config` holds what tokenizer_config.json & co. say."""
     config = config or TokenizerConfig()
+    self.path = Path(model_file)
     try:
       self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"Cannot read the sentencepiece model {model_file}: {e}") from e
+      raise TokenizerError(f"Cannot read the sentencepiece model {model_file}: {e}") from e
     # Without the dummy prefix, for text that does not start the input (see module docstring).
     proto = _without_dummy_prefix(self._sp.serialized_model_proto())
     self._sp_inner = self._sp if proto is None else spm.SentencePieceProcessor(model_proto=proto)
