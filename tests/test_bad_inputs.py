@@ -100,6 +100,10 @@ def world(tmp_path_factory):
   w["old_pref"] = write("old_pref.yaml", GOOD.format(algorithm="dpo", run_dir=root / "x")
                         + "preference: {beta: 0.2}\ndpo: {beta: 0.3}\n")
   w["a_file"] = write("a_file", "not a folder\n")
+  for name, text in (("ad_list", "[1]"), ("ad_nokey", '{"peft_type": "LORA", "r": 4}')):
+    (root / name).mkdir()
+    (root / name / "adapter_config.json").write_text(text)
+    w[name] = root / name
 
   def model_variant(name, change):
     folder = root / name
@@ -234,6 +238,15 @@ MODEL_CASES = [
     ("no tokenizer", lambda w: ["train", w["files"]("m11", model=w["m_notok"])], r"m_notok.*tokenizer"),
     ("no chat template", lambda w: ["train", w["files"]("m12", model=w["m_notemplate"])],
      r"m_notemplate.*chat template"),
+    ("adapter config a list", lambda w: ["train", w["recipe"], f"lora.init_from={w['ad_list']}",
+                                         f"run_dir={w['root'] / 'a1'}"],
+     r"ad_list/adapter_config\.json must hold a JSON object"),
+    ("adapter config key missing", lambda w: ["train", w["recipe"], f"run_dir={w['root'] / 'a2'}",
+                                              f"lora.init_from={w['ad_nokey']}"],
+     r"ad_nokey/adapter_config\.json: required key 'target_modules'"),
+    ("adapter folder missing", lambda w: ["train", w["recipe"], f"run_dir={w['root'] / 'a3'}",
+                                          f"lora.init_from={w['root'] / 'noadapter'}"],
+     r"noadapter: no adapter_config\.json"),
     ("generate on a non-model", lambda w: ["generate", w["root"], "--prompt", "hi"], r"config\.json"),
 ]
 
@@ -327,3 +340,15 @@ def test_non_finite_final_steps_fail_the_run(world, tmp_path):
                  "train.max_bad_steps=0")
   assert_one_clear_error(proc, r"the last \d+ of 4 steps had a non-finite loss.*not applied")
   assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_truncation_is_reported_with_rows_and_counted(tmp_path):
+  recipe = tmp_path / "cut.yaml"
+  recipe.write_text(GOOD.format(algorithm="sft", run_dir=tmp_path / "run"))
+  proc = jaxpost("train", recipe, "data.seq_len=19", "data.pack=false", "train.steps=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"warning: \d+ of \d+ examples were longer than data.seq_len=19 tokens and "
+                   r"were cut.*train\.jsonl row \d+", proc.stdout), proc.stdout[-3000:]
+  first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["data/truncated_examples"] > 0 and first["data/dropped_examples"] == 0

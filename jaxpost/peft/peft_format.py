@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.models import ModelConfig
+from jaxpost.models import CheckpointError, ModelConfig
+from jaxpost.models.hf_io import read_json_object
 from jaxpost.models.params import is_spec
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 from jaxpost.peft.lora import _TARGETS, LoraConfig, get_target, lora_specs
@@ -88,16 +89,31 @@ def save_peft_adapter(config: ModelConfig, lora: LoraConfig, adapters: dict,
   return path
 
 
+def read_adapter_config(path: Path, required: tuple[str, ...]) -> dict:
+  """`path/adapter_config.json` as a dict, with the `required` keys.
+
+  Raises:
+    FileNotFoundError: no such file (the folder is not a PEFT adapter).
+    CheckpointError (a ValueError): not UTF-8, not JSON, not an object, or a required key is
+      missing; the message names the file and the key.
+  """
+  cfg_path = Path(path) / "adapter_config.json"
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"{path}: no adapter_config.json; is this a PEFT adapter folder?")
+  config = read_json_object(cfg_path)
+  missing = [key for key in required if key not in config]
+  if missing:
+    raise CheckpointError(f"{cfg_path}: required key {missing[0]!r} is missing; export the "
+                          "adapter again (PEFT's save_pretrained writes it)")
+  return config
+
+
 def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
                       dtype=jnp.float32) -> tuple[LoraConfig, dict]:
   """Reads a PEFT LoRA (or DoRA) folder into (LoraConfig, adapters) for `config`'s model."""
   path = Path(path)
   cfg_path = path / "adapter_config.json"
-  try:
-    ac = json.loads(cfg_path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: no adapter_config.json; is this a PEFT adapter folder?") \
-        from None
+  ac = read_adapter_config(path, ("target_modules", "r", "lora_alpha"))
   if ac.get("peft_type") != "LORA":
     raise ValueError(f"{cfg_path}: peft_type {ac.get('peft_type')!r} is not LORA")
   for key, neutral in _UNSUPPORTED.items():

@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxpost.models import ModelConfig, ParamSpec, Prefix, forward, init_cache
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
+from jaxpost.peft.peft_format import read_adapter_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def save_prompt(config: ModelConfig, pc: PromptConfig, prompt: dict, path: str |
 def load_prompt(config: ModelConfig, path: str | os.PathLike) -> tuple[PromptConfig, dict]:
   """Reads a prompt saved by `save_prompt` (or by PEFT, without prefix projection)."""
   path = Path(path)
-  meta = json.loads((path / "adapter_config.json").read_text())
+  meta = read_adapter_config(path, ("peft_type", "num_virtual_tokens"))
   kinds = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
   if meta.get("peft_type") not in kinds:
     raise ValueError(f"{path / 'adapter_config.json'}: peft_type {meta.get('peft_type')!r} is "

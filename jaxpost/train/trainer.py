@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 
 from jaxpost.config import RunConfig, save_config
+from jaxpost.data import describe_truncation
 from jaxpost.metrics import MetricWriter, ProgressBar
 from jaxpost.train.build import AlgorithmArg, Run, build, log
 from jaxpost.train.checkpoint import Checkpointer
@@ -44,6 +45,27 @@ def _exact_match(run: Run, state, frozen) -> float | None:
   model = run.trainable.model(state.params, frozen)
   return exact_match(run.config, model, run.tokenizer, run.data.exact_match_rows(),
                      max_new_tokens=task.max_new_tokens)
+
+
+def _report_data(cfg: RunConfig, source, writer: MetricWriter, step: int) -> None:
+  """Says what truncation cut and which rows were skipped (never silent), and writes the
+  counts as `data/...` metrics. Sources that know nothing of it (online ones) say nothing."""
+  stats = getattr(source, "stats", None)
+  if stats is None:
+    return
+  d = cfg.data
+  line = describe_truncation(stats, d.seq_len, max_length=d.max_length,
+                             max_prompt_length=d.max_prompt_length)
+  if line:
+    log(f"warning: {line}")
+  skipped = sum(stats.skipped_rows.values())
+  if skipped:
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped_rows.items()))
+    log(f"warning: {skipped} bad rows were skipped (data.on_bad_row=skip): {reasons}")
+  writer.write(step, {"data/examples": stats.examples,
+                      "data/truncated_examples": stats.truncated_examples,
+                      "data/dropped_examples": stats.dropped_examples,
+                      "data/skipped_rows": skipped})
 
 
 def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
@@ -81,6 +103,7 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
     summary["exact_match_before"] = before
     log(f"held-out exact match before training: {before:.3f}")
   writer = MetricWriter(run.run_dir, enabled=jax.process_index() == 0)
+  _report_data(cfg, source, writer, start)
   if eval_batches and t.eval_every and start == 0:  # the starting point, for before/after
     summary["eval_before"] = evaluate(run, eval_batches, state.params, frozen)
     writer.write(0, summary["eval_before"])
