@@ -352,3 +352,45 @@ def test_truncation_is_reported_with_rows_and_counted(tmp_path):
                    r"were cut.*train\.jsonl row \d+", proc.stdout), proc.stdout[-3000:]
   first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
   assert first["data/truncated_examples"] > 0 and first["data/dropped_examples"] == 0
+
+
+def _flip_middle_of_largest_file(step_dir: Path) -> None:
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  largest.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_falls_back_loudly_or_stops_by_name(world, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(world["run"], copy)
+  _flip_middle_of_largest_file(copy / "checkpoints" / "4")
+  strict = jaxpost("train", world["recipe"], f"run_dir={copy}", "train.steps=6",
+                   "checkpoint.fallback_on_corrupt=false")
+  assert_one_clear_error(strict, r"checkpoint.*\b4\b")
+  assert (copy / "checkpoints" / "4").exists()  # nothing renamed without the fallback
+  proc = jaxpost("train", world["recipe"], f"run_dir={copy}", "train.steps=6")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+  assert "warning: the checkpoints after step 2 (up to step 4) could not be read" in proc.stdout
+  assert (copy / "checkpoints" / "4.corrupt").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_message(tmp_path):
+  """The run folder on a 700 KiB tmpfs: the first checkpoint cannot be written."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    recipe = tmp_path / "full.yaml"
+    recipe.write_text(GOOD.format(algorithm="sft", run_dir=mount / "run"))
+    proc = jaxpost("train", recipe, "checkpoint.every=1")
+    assert_one_clear_error(proc, r"step 1 was not saved.*No space left on device.*free disk space")
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # at most orbax's one line
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)

@@ -213,7 +213,14 @@ class DistributedSection(Section):
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection(Section):
   """Checkpoints in `run_dir`: every `every` steps (0: only at the end), the last `keep_last`
-  kept, plus the `keep_best` best by `best_metric` (`best_mode` "min" or "max")."""
+  kept, plus the `keep_best` best by `best_metric` (`best_mode` "min" or "max").
+
+  Each array's checksum is saved with its step and verified at restore. A latest checkpoint
+  that cannot be read (or fails its checksums) is, with `fallback_on_corrupt` (the default),
+  renamed `<step>.corrupt` and the run resumes from the previous one, with a warning that says
+  which steps are trained again (resume stays exact: the data position and the RNG come with
+  that checkpoint); without it, the run stops with an error naming the step.
+  """
 
   every: int = 0
   keep_last: int = 2
@@ -221,7 +228,7 @@ class CheckpointSection(Section):
   best_metric: str = "eval/loss"
   best_mode: Mode = "min"
   async_save: bool = True
-  fallback_on_corrupt: bool = False
+  fallback_on_corrupt: bool = True
   resume: bool = True
 
   def validate(self, prefix: str) -> None:

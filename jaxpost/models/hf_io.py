@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Map:
+class TensorMap:
   """One parameter: its HF name (with {i} for the layer) and the layout change both ways."""
 
   hf: str
@@ -47,7 +47,7 @@ class _Map:
   per_layer: bool
 
 
-def _tensor_maps(c: ModelConfig) -> list[_Map]:
+def tensor_maps(c: ModelConfig) -> list[TensorMap]:
   D, H, K, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
   ident = lambda w: w  # noqa: E731
   T = lambda w: w.T  # noqa: E731
@@ -61,10 +61,10 @@ def _tensor_maps(c: ModelConfig) -> list[_Map]:
   specs = param_specs(c)
   layer_specs = specs["layers"]
   pre = "model.layers.{i}."
-  maps = [_Map("model.embed_tokens.weight", ("embed",), ident, ident, False),
-          _Map("model.norm.weight", ("final_norm",), ident, ident, False)]
+  maps = [TensorMap("model.embed_tokens.weight", ("embed",), ident, ident, False),
+          TensorMap("model.norm.weight", ("final_norm",), ident, ident, False)]
   if "lm_head" in specs:
-    maps.append(_Map("lm_head.weight", ("lm_head",), T, T, False))
+    maps.append(TensorMap("lm_head.weight", ("lm_head",), T, T, False))
   norm_names = {"attn_pre_norm": "input_layernorm"}
   if c.sandwich_norm:
     norm_names.update(attn_post_norm="post_attention_layernorm",
@@ -73,29 +73,29 @@ def _tensor_maps(c: ModelConfig) -> list[_Map]:
   else:
     norm_names["mlp_pre_norm"] = "post_attention_layernorm"
   for ours, theirs in norm_names.items():
-    maps.append(_Map(pre + theirs + ".weight", ("layers", ours), ident, ident, True))
+    maps.append(TensorMap(pre + theirs + ".weight", ("layers", ours), ident, ident, True))
   heads = {"q": H, "k": K, "v": K}
   for name in layer_specs["attn"]:
     a = pre + "self_attn."
     if name in heads:
       fwd, back = proj_in(heads[name])
-      maps.append(_Map(a + f"{name}_proj.weight", ("layers", "attn", name), fwd, back, True))
+      maps.append(TensorMap(a + f"{name}_proj.weight", ("layers", "attn", name), fwd, back, True))
     elif name == "o":
-      maps.append(_Map(a + "o_proj.weight", ("layers", "attn", "o"),
+      maps.append(TensorMap(a + "o_proj.weight", ("layers", "attn", "o"),
                        lambda w: w.T.reshape(H, Dh, D), lambda w: w.reshape(H * Dh, D).T, True))
     elif name in ("q_bias", "k_bias", "v_bias"):
       fwd, back = bias(heads[name[0]])
-      maps.append(_Map(a + f"{name[0]}_proj.bias", ("layers", "attn", name), fwd, back, True))
+      maps.append(TensorMap(a + f"{name[0]}_proj.bias", ("layers", "attn", name), fwd, back, True))
     elif name == "o_bias":
-      maps.append(_Map(a + "o_proj.bias", ("layers", "attn", name), ident, ident, True))
+      maps.append(TensorMap(a + "o_proj.bias", ("layers", "attn", name), ident, ident, True))
     elif name in ("q_norm", "k_norm"):
-      maps.append(_Map(a + f"{name}.weight", ("layers", "attn", name), ident, ident, True))
+      maps.append(TensorMap(a + f"{name}.weight", ("layers", "attn", name), ident, ident, True))
     else:
       raise AssertionError(name)
   for name in layer_specs["mlp"]:
     proj, kind = name.split("_")[0], "bias" if name.endswith("_bias") else "weight"
     fn = ident if kind == "bias" else T
-    maps.append(_Map(pre + f"mlp.{proj}_proj.{kind}", ("layers", "mlp", name), fn, fn, True))
+    maps.append(TensorMap(pre + f"mlp.{proj}_proj.{kind}", ("layers", "mlp", name), fn, fn, True))
   return maps
 
 
@@ -203,7 +203,7 @@ def load_hf(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None,
       default: the first device.
   """
   return load_tensors(
-      path, maps_of=_tensor_maps, specs_of=param_specs, dtype=dtype, mesh=mesh, rules=rules,
+      path, maps_of=tensor_maps, specs_of=param_specs, dtype=dtype, mesh=mesh, rules=rules,
       unused=lambda name, config: name == "lm_head.weight" and config.tie_embeddings)
 
 
@@ -308,7 +308,7 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, *, dtype
   than `max_shard_size` is split into `model-0000k-of-0000n.safetensors` with an index file.
   Each file is written to a temporary name and renamed, so a crash never leaves a half file.
   """
-  write_tensors(path, params, _tensor_maps(config), param_specs(config), config.num_layers,
+  write_tensors(path, params, tensor_maps(config), param_specs(config), config.num_layers,
                 dtype=dtype, max_shard_size=max_shard_size,
                 config_json=lambda hf_dtype: config_to_hf(config, hf_dtype))
 
@@ -327,7 +327,7 @@ def write_tensors(path: str | os.PathLike, params: dict, maps: list, specs: dict
 
   # Plan the shards from shapes alone, then materialise and write one shard at a time, so
   # host memory holds at most one shard.
-  plan: list[list[tuple[str, _Map, int | None]]] = [[]]
+  plan: list[list[tuple[str, TensorMap, int | None]]] = [[]]
   size = 0
   for m in maps:
     spec = _get_path(specs, m.path)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_to_hf
-from jaxpost.models.hf_io import (CheckpointError, _Map, _tensor_maps, load_tensors, write_tensors)
+from jaxpost.models.hf_io import (CheckpointError, TensorMap, tensor_maps, load_tensors, write_tensors)
 from jaxpost.models.params import ParamSpec, param_specs
 
 SCORE = "score"
@@ -55,10 +55,10 @@ def reward_param_specs(config: ModelConfig) -> dict:
   return specs
 
 
-def _reward_maps(config: ModelConfig) -> list[_Map]:
+def _reward_maps(config: ModelConfig) -> list[TensorMap]:
   """The decoder's HF tensor names without the LM head, plus `score.weight` [1, D] <-> [D]."""
-  maps = [m for m in _tensor_maps(config) if m.path != ("lm_head",)]
-  maps.append(_Map("score.weight", (SCORE,), lambda w: w.reshape(w.shape[-1]),
+  maps = [m for m in tensor_maps(config) if m.path != ("lm_head",)]
+  maps.append(TensorMap("score.weight", (SCORE,), lambda w: w.reshape(w.shape[-1]),
                    lambda w: w.reshape(1, -1), False))
   return maps
 

@@ -38,7 +38,7 @@ from jaxpost.models.params import ParamSpec, is_spec, param_specs
 from jaxpost.models.weights import materialize, materialize_tree, project, split_eqn
 
 # target -> (group under "layers", or None for a top-level weight; number of input axes)
-_TARGETS = {"q": ("attn", 1), "k": ("attn", 1), "v": ("attn", 1), "o": ("attn", 2),
+TARGETS = {"q": ("attn", 1), "k": ("attn", 1), "v": ("attn", 1), "o": ("attn", 2),
             "gate": ("mlp", 1), "up": ("mlp", 1), "down": ("mlp", 1),
             "embed": (None, 1), "lm_head": (None, 1)}
 LAYER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -63,9 +63,9 @@ class LoraConfig:
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-    unknown = [t for t in self.targets if t not in _TARGETS]
+    unknown = [t for t in self.targets if t not in TARGETS]
     if unknown:
-      raise ValueError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(_TARGETS)}")
+      raise ValueError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
     if self.dora and "embed" in self.targets:
@@ -77,7 +77,7 @@ class LoraConfig:
 
 
 def _path(name: str) -> tuple[str, ...]:
-  group = _TARGETS[name][0]
+  group = TARGETS[name][0]
   return ("layers", group, name) if group else (name,)
 
 
@@ -108,8 +108,8 @@ def lora_specs(config: ModelConfig, lora: LoraConfig) -> dict:
   tree: dict = {}
   for name in lora.targets:
     w: ParamSpec = get_target(base, name)
-    n_lead = 1 if _TARGETS[name][0] else 0
-    n_in = _TARGETS[name][1]
+    n_lead = 1 if TARGETS[name][0] else 0
+    n_in = TARGETS[name][1]
     lead, ins, outs = w.shape[:n_lead], w.shape[n_lead:n_lead + n_in], w.shape[n_lead + n_in:]
     ax_lead, ax_in, ax_out = w.axes[:n_lead], w.axes[n_lead:n_lead + n_in], w.axes[n_lead + n_in:]
     node = {"a": ParamSpec((*lead, *ins, lora.rank), (*ax_lead, *ax_in, "lora_rank"), "normal"),
@@ -138,14 +138,14 @@ def init_lora(config: ModelConfig, lora: LoraConfig, rng: jax.Array, dtype=jnp.f
   out = []
   for key, (path, spec) in zip(keys, leaves):
     name = path[-2].key
-    n_lead = 1 if _TARGETS[name][0] else 0
+    n_lead = 1 if TARGETS[name][0] else 0
     if spec.init == "zeros":
       out.append(jnp.zeros(spec.shape, dtype))
     elif spec.init == "magnitude":
       if base is None:
         raise ValueError("DoRA magnitudes start from the base weights: pass base=params")
       w = materialize(get_target(base, name), jnp.float32)
-      out.append(_column_norm(w, n_lead, _TARGETS[name][1]).astype(dtype))
+      out.append(_column_norm(w, n_lead, TARGETS[name][1]).astype(dtype))
     else:
       fan_in = math.prod(spec.shape[n_lead:-1])
       out.append((jax.random.normal(key, spec.shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype))
@@ -251,11 +251,11 @@ def attach_lora(params: dict, adapters: dict, lora: LoraConfig,
     key = None
     if dropout_rng is not None and lora.dropout > 0 and name != "embed":
       key = jax.random.fold_in(dropout_rng, i)
-      if _TARGETS[name][0]:
+      if TARGETS[name][0]:
         key = jax.random.split(key, ad["a"].shape[0])
     _set_target(out, name, LoraWeight(base=w, a=ad["a"], b=ad["b"], m=ad.get("m"),
                                       dropout_key=key, scale=lora.scale, dropout=lora.dropout,
-                                      n_in=_TARGETS[name][1]))
+                                      n_in=TARGETS[name][1]))
   return out
 
 

@@ -25,7 +25,7 @@ from jaxpost.models import CheckpointError, ModelConfig
 from jaxpost.models.hf_io import read_json_object
 from jaxpost.models.params import is_spec
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
-from jaxpost.peft.lora import _TARGETS, LoraConfig, get_target, lora_specs
+from jaxpost.peft.lora import TARGETS, LoraConfig, get_target, lora_specs
 
 _HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -52,7 +52,7 @@ def _suffixes(name: str) -> tuple[str, str]:
 
 
 def _slices(config: ModelConfig, name: str) -> list[int | None]:
-  return list(range(config.num_layers)) if _TARGETS[name][0] else [None]
+  return list(range(config.num_layers)) if TARGETS[name][0] else [None]
 
 
 def save_peft_adapter(config: ModelConfig, lora: LoraConfig, adapters: dict,
@@ -127,7 +127,7 @@ def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
     raise ValueError(f"{cfg_path}: target module {unknown[0]!r} is not one jaxpost adapts "
                      f"({', '.join(by_hf)})")
   lora = LoraConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]),
-                    targets=tuple(t for t in _TARGETS if _HF_MODULE[t].split(".")[-1] in modules),
+                    targets=tuple(t for t in TARGETS if _HF_MODULE[t].split(".")[-1] in modules),
                     rslora=bool(ac.get("use_rslora", False)),
                     dropout=float(ac.get("lora_dropout") or 0.0),
                     dora=bool(ac.get("use_dora", False)))
@@ -136,7 +136,7 @@ def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
   adapters: dict = {}
   for name in lora.targets:
     spec = get_target(specs, name)
-    n_lead = 1 if _TARGETS[name][0] else 0
+    n_lead = 1 if TARGETS[name][0] else 0
     parts: dict[str, list[np.ndarray]] = {k: [] for k in spec}
     suffix_a, suffix_b = _suffixes(name)
     for i in _slices(config, name):
@@ -155,7 +155,7 @@ def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
         value = value if part == "m" else value.T
         parts[part].append(value.reshape(spec[part].shape[n_lead:]))
     node = {k: jnp.asarray(np.stack(v) if n_lead else v[0], dtype) for k, v in parts.items()}
-    group = _TARGETS[name][0]
+    group = TARGETS[name][0]
     if group:
       adapters.setdefault("layers", {}).setdefault(group, {})[name] = node
     else:

@@ -87,13 +87,17 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
 
   checkpointer = _checkpointer(cfg, run.run_dir)
   start = 0
-  if cfg.checkpoint.resume and checkpointer.latest_step() is not None:
+  if cfg.checkpoint.resume and (latest := checkpointer.latest_step()) is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
     state, data_state, _, start = checkpointer.restore(
         abstract, fallback=cfg.checkpoint.fallback_on_corrupt)
     source.restore(data_state)
     log(f"resumed from {checkpointer.directory} at step {start}")
+    if start < latest:
+      log(f"warning: the checkpoints after step {start} (up to step {latest}) could not be read "
+          f"and were renamed <step>.corrupt; steps {start + 1}..{latest} are trained again "
+          f"(exactly: the data position and RNG come from step {start}'s checkpoint)")
   # Only a run that can start replaces config.yaml: a mistyped re-run fails above and leaves
   # the earlier run's config (which `jaxpost export` reads) as it was.
   save_config(cfg, run.run_dir / "config.yaml")
