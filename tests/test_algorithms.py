@@ -120,3 +120,20 @@ def test_an_old_preference_section_still_loads_into_the_new_sections(tmp_path, c
     load_config(recipe, ["dpo.beta=0.2"])
   with pytest.raises(ConfigError, match="unknown key 'preference.betta'"):
     load_config(recipe, ["preference.betta=0.2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", [[], ["lora.rank=4"]], ids=["full", "lora"])
+def test_tr_dpo_resumes_exactly_with_its_moved_reference(tmp_path, trainable):
+  """The moving reference is checkpointed: 4 steps, then on to 8, ends bitwise as 8 straight."""
+  sync = ["reference.sync_every=2", "reference.sync_alpha=0.5", "checkpoint.every=2",
+          *trainable]
+  run(tmp_path, "straight", "dpo", steps=8, overrides=sync)
+  run(tmp_path, "resumed", "dpo", steps=4, overrides=sync)
+  recipe = tmp_path / "resumed.yaml"
+  from jaxpost.train.trainer import train
+  summary = train(load_config(recipe, [*sync, "train.steps=8", "train.eval_every=8"]))
+  assert summary["start_step"] == 4
+  a = (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
+  b = (tmp_path / "resumed" / "final" / "model.safetensors").read_bytes()
+  assert a == b

@@ -97,6 +97,25 @@ class Run:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, self.state_shardings)
 
+  def checkpoint_tree(self, state, frozen: Frozen):
+    """What a checkpoint holds: the state, and the reference when the algorithm moves it
+    (TR-DPO), so that a resumed run continues from the moved reference."""
+    if not self.algorithm.moving_reference:
+      return state
+    return {"state": state, "reference": frozen.reference}
+
+  def checkpoint_abstract(self, abstract_state):
+    """`checkpoint_tree`'s shapes from the state's (a moving reference has the params' form)."""
+    if not self.algorithm.moving_reference:
+      return abstract_state
+    return {"state": abstract_state, "reference": abstract_state.params}
+
+  def from_checkpoint(self, tree, frozen: Frozen):
+    """(state, frozen) from a restored `checkpoint_tree`."""
+    if not self.algorithm.moving_reference:
+      return tree, frozen
+    return tree["state"], frozen.replace(reference=tree["reference"])
+
   def policy(self, params, frozen: Frozen, step: int = 0) -> Policy:
     return Policy(params, frozen, self.trainable.model, step)
 

@@ -99,18 +99,20 @@ class Evaluate:
 
 
 class Checkpoint:
-  """Saves the state and the batch source's position every `checkpointer.save_every` steps and
+  """Saves `tree(state, frozen)` (the state, and what of the frozen inputs moves) and the batch
+  source's position every `checkpointer.save_every` steps and
   at the last step, never in the middle of non-finite steps (a good checkpoint is not replaced
   by a state that skipped its updates)."""
 
-  def __init__(self, checkpointer, source: Any, *, steps: int):
-    self.checkpointer, self.source, self.steps = checkpointer, source, steps
+  def __init__(self, checkpointer, source: Any, *, steps: int,
+               tree: Callable[[Any, Any], Any] = lambda state, frozen: state):
+    self.checkpointer, self.source, self.steps, self.tree = checkpointer, source, steps, tree
 
   def after_step(self, info) -> None:
     ck = self.checkpointer
     if (info.step % ck.save_every == 0 or info.step == self.steps) and int(
         info.state.bad_steps) == 0:
-      ck.save(info.step, info.state, data_state=self.source.state(),
+      ck.save(info.step, self.tree(info.state, info.frozen), data_state=self.source.state(),
               metrics=info.extra or None, force=True)
 
   def end(self) -> None:

@@ -90,8 +90,17 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   if cfg.checkpoint.resume and (latest := checkpointer.latest_step()) is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
-    state, data_state, _, start = checkpointer.restore(
-        abstract, fallback=cfg.checkpoint.fallback_on_corrupt)
+    fallback = cfg.checkpoint.fallback_on_corrupt
+    try:
+      tree, data_state, _, start = checkpointer.restore(run.checkpoint_abstract(abstract),
+                                                        fallback=fallback)
+      state, frozen = run.from_checkpoint(tree, frozen)
+    except ValueError as e:  # a moving reference's checkpoint from before it was saved
+      if not (run.algorithm.moving_reference and "does not match" in str(e)):
+        raise
+      state, data_state, _, start = checkpointer.restore(abstract, fallback=fallback)
+      log("warning: this checkpoint predates saving the moving reference (TR-DPO): the "
+          "reference restarts from the start model")
     source.restore(data_state)
     log(f"resumed from {checkpointer.directory} at step {start}")
     if start < latest:
@@ -115,7 +124,7 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   metrics = Metrics(writer, bar, steps=t.steps, log_every=t.log_every,
                     max_bad_steps=t.max_bad_steps, headline=a.headline, on_step=on_step)
   hooks = [metrics, Evaluate(run, eval_batches, writer, every=t.eval_every, steps=t.steps),
-           Checkpoint(checkpointer, source, steps=t.steps)]
+           Checkpoint(checkpointer, source, steps=t.steps, tree=run.checkpoint_tree)]
   t0 = time.perf_counter()
   try:
     state, frozen = loop(run, state, frozen, source, hooks, start=start, steps=t.steps)
@@ -157,8 +166,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int
                               save_every=run.cfg.checkpoint.every or 1)
   if checkpointer.latest_step() is None:
     raise TrainingError(f"no finalised checkpoint in {checkpointer.directory} to export")
-  state, _, _, restored = checkpointer.restore(run.abstract_state(), step=step)
+  tree, _, _, restored = checkpointer.restore(run.checkpoint_abstract(run.abstract_state()),
+                                              step=step)
   checkpointer.close()
-  written = run.export(state.params, run.frozen, Path(out_dir or run_dir))
+  state, frozen = run.from_checkpoint(tree, run.frozen)
+  written = run.export(state.params, frozen, Path(out_dir or run_dir))
   log(f"exported step {restored} of {run_dir}: {', '.join(str(d) for d in written)}")
   return written
