@@ -366,16 +366,20 @@ def _flip_middle_of_largest_file(step_dir: Path) -> None:
 def test_a_corrupt_latest_checkpoint_falls_back_loudly_or_stops_by_name(world, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(world["run"], copy)
-  _flip_middle_of_largest_file(copy / "checkpoints" / "4")
-  strict = jaxpost("train", world["recipe"], f"run_dir={copy}", "train.steps=6",
+  steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+  previous, latest = steps[-2:]  # the good run keeps its last two checkpoints
+  _flip_middle_of_largest_file(copy / "checkpoints" / str(latest))
+  more = f"train.steps={latest + 2}"
+  strict = jaxpost("train", world["recipe"], f"run_dir={copy}", more,
                    "checkpoint.fallback_on_corrupt=false")
-  assert_one_clear_error(strict, r"checkpoint.*\b4\b")
-  assert (copy / "checkpoints" / "4").exists()  # nothing renamed without the fallback
-  proc = jaxpost("train", world["recipe"], f"run_dir={copy}", "train.steps=6")
+  assert_one_clear_error(strict, rf"checkpoint.*\b{latest}\b")
+  assert (copy / "checkpoints" / str(latest)).exists()  # nothing renamed without the fallback
+  proc = jaxpost("train", world["recipe"], f"run_dir={copy}", more)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-  assert "warning: the checkpoints after step 2 (up to step 4) could not be read" in proc.stdout
-  assert (copy / "checkpoints" / "4.corrupt").exists()
+  assert "resumed from" in proc.stdout and f"at step {previous}" in proc.stdout
+  assert (f"warning: the checkpoints after step {previous} (up to step {latest}) could not be "
+          "read") in proc.stdout
+  assert (copy / "checkpoints" / f"{latest}.corrupt").exists()
 
 
 @pytest.mark.slow
