@@ -22,6 +22,7 @@ from etils import epath
 
 from jaxpost.train import checkpoint as checkpoint_lib
 from jaxpost.train import checksums as checksums_lib
+from jaxpost.train import saveable as saveable_lib
 from jaxpost.train.checkpoint import CheckpointCorruptError, CheckpointSaveError
 from devices import run_on_8_cpu_devices
 from test_checkpoint import _abstract, _bits, _ckpt, _largest_file, _state
@@ -118,7 +119,7 @@ def test_checksums_are_saved_in_extras_and_verified_on_restore(tmp_path, caplog)
     saved = _extras(tmp_path / "1")["checksums"]
     assert saved["algorithm"] == checksums_lib.CHECKSUM_ALGORITHM
     # Every array of the state, typed keys by their key data, each as 16 hex digits.
-    saveable, _ = checkpoint_lib._to_saveable(state)
+    saveable, _ = saveable_lib.to_saveable(state)
     assert saved["leaves"] == checksums_lib.checksums(saveable)
     assert {"params.w", "params.b", "opt_state.0.mu.w", "rng", "step"} <= set(saved["leaves"])
     assert all(len(v) == 16 for v in saved["leaves"].values())

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxpost.train.checksums import CHECKSUM_ALGORITHM, checksums, path_str
+from jaxpost.train.checksums import CHECKSUM_ALGORITHM, checksums
+from jaxpost.train.saveable import abstract_saveable, check_matches, rewrap_keys, to_saveable
 from jaxpost.train.orbax_guards import (ORBAX_GUARDS, join_all, new_orbax_threads, os_error_in,
                                         remove, remove_pruned)
 
@@ -121,69 +121,6 @@ class _KeepLastAndBest:
     return keep
 
 
-
-
-def _is_key(x: Any) -> bool:
-  dtype = getattr(x, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _to_saveable(state: Any) -> tuple[Any, dict[str, str]]:
-  """Typed keys -> their uint32 key data; returns the tree and {path: PRNG impl name}."""
-  impls: dict[str, str] = {}
-
-  def leaf(path, x):
-    if _is_key(x):
-      impls[path_str(path)] = str(jax.random.key_impl(x))
-      return jax.random.key_data(x)
-    return x
-
-  return jax.tree_util.tree_map_with_path(leaf, state), impls
-
-
-def _abstract_saveable(abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-  """The restore target: every leaf a ShapeDtypeStruct with a sharding, typed keys replaced by
-  their key data. Returns it and {path: typed key ShapeDtypeStruct}."""
-  keys: dict[str, Any] = {}
-
-  def leaf(path, x):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      return x
-    name = path_str(path)
-    sharding = getattr(x, "sharding", None)
-    if sharding is None:
-      raise ValueError(f"abstract_state leaf {name!r} has no sharding: build it with "
-                       "jax.eval_shape and the shardings the train step uses")
-    sds = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    if not _is_key(x):
-      return sds
-    keys[name] = sds
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    try:  # NamedSharding / SingleDeviceSharding extend to the trailing key-data axis
-      sharding.shard_shape(data.shape)
-    except Exception as e:  # noqa: BLE001
-      raise ValueError(f"typed key {name!r}: its sharding {sharding} cannot place the key "
-                       f"data {data.shape}; use a NamedSharding") from e
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract_state), keys
-
-
-def _check_matches(saved_tree: Any, abstract: Any, step_dir: Path) -> None:
-  """Raise ValueError unless the saved leaves have the paths, shapes and dtypes of `abstract`
-  (orbax would otherwise silently cast a dtype)."""
-  saved = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
-  wanted = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  problems = [f"missing in checkpoint: {p}" for p in wanted if p not in saved]
-  problems += [f"not in abstract_state: {p}" for p in saved if p not in wanted]
-  for p in wanted.keys() & saved.keys():
-    a, s = wanted[p], saved[p]
-    got = (getattr(s, "dtype", None), tuple(getattr(s, "shape", ())))
-    if hasattr(a, "shape") and got != (np.dtype(a.dtype), tuple(a.shape)):
-      problems.append(f"{p}: saved {got[0]}{list(got[1])}, abstract_state {a.dtype}{list(a.shape)}")
-  if problems:
-    shown = "; ".join(sorted(problems)[:8]) + ("; ..." if len(problems) > 8 else "")
-    raise ValueError(f"checkpoint {step_dir} does not match abstract_state: {shown}")
 
 
 class Checkpointer:
@@ -276,7 +213,7 @@ class Checkpointer:
       logger.info("checkpoint step %d already exists in %s; not overwritten", step,
                   self.directory)
       return False
-    saveable, key_impls = _to_saveable(state)
+    saveable, key_impls = to_saveable(state)
     try:  # a snapshot: the caller may keep mutating its dicts while we write
       data_state = json.loads(json.dumps(data_state))
     except (TypeError, ValueError) as e:
@@ -499,7 +436,7 @@ class Checkpointer:
       raise FileNotFoundError(f"step {step} is not a finalised checkpoint in {self.directory} "
                               f"(finalised steps: {steps})")
     candidates = [s for s in reversed(steps) if step is None or s <= step]
-    abstract, key_structs = _abstract_saveable(abstract_state)
+    abstract, key_structs = abstract_saveable(abstract_state)
     corrupt: list[CheckpointCorruptError] = []
     for s in candidates:
       try:
@@ -540,7 +477,7 @@ class Checkpointer:
         raise ValueError(f"no array metadata in {path / STATE_ITEM}")
     except Exception as e:  # noqa: BLE001 - any failure to read is corruption
       raise failed(e) from e
-    _check_matches(saved_tree, abstract, path)  # a mismatch is the caller's error
+    check_matches(saved_tree, abstract, path)  # a mismatch is the caller's error
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract),
@@ -557,7 +494,7 @@ class Checkpointer:
     if set(key_impls) != set(key_structs):
       raise ValueError(f"checkpoint {path} has typed keys at {sorted(key_impls)}, "
                        f"abstract_state at {sorted(key_structs)}")
-    return self._rewrap_keys(state, key_impls, key_structs), extras["data_state"], \
+    return rewrap_keys(state, key_impls, key_structs), extras["data_state"], \
         extras["metrics"], step
 
   @staticmethod
@@ -580,21 +517,6 @@ class Checkpointer:
         return (f"checksum mismatch at leaf {name}: saved {want[name]}, read {got}; the "
                 "array data on disk changed after it was written")
     return None
-
-  @staticmethod
-  def _rewrap_keys(state: Any, key_impls: dict[str, str], key_structs: dict[str, Any]) -> Any:
-    def leaf(path, x):
-      name = path_str(path)
-      if name not in key_structs:
-        return x
-      want = key_structs[name]
-      key = jax.random.wrap_key_data(x, impl=key_impls[name])
-      if key.dtype != want.dtype:
-        raise ValueError(f"typed key {name!r} was saved as {key.dtype}, abstract_state "
-                         f"wants {want.dtype}")
-      return key if key.sharding == want.sharding else jax.device_put(key, want.sharding)
-
-    return jax.tree_util.tree_map_with_path(leaf, state)
 
   def _quarantine(self, steps: list[int]) -> None:
     """Rename corrupt step folders `<step>.corrupt[-n]`: out of orbax's and our listings (the
