@@ -121,8 +121,6 @@ class _KeepLastAndBest:
     return keep
 
 
-
-
 class Checkpointer:
   """Periodic, asynchronous, atomic checkpoints of a train state over orbax.
 
