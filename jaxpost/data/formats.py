@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -407,21 +407,33 @@ def tokenize_rows(rows: Iterable[Row], tokenizer: Tokenizer, *,
   if format == "auto":
     format = detect_rows_format(rows)
   train_on = check_train_on(format, train_on)
-  examples, skipped = [], collections.Counter()
+  examples, skipped = convert_rows(
+      rows, lambda data: to_example(data, tokenizer, format=format, train_on=train_on,
+                                    add_eos=add_eos), on_bad_row)
+  return Tokenized(examples, skipped, format)
+
+
+def convert_rows(rows: Iterable[Row], convert: Callable[[Mapping[str, Any]], Any],
+                 on_bad_row: str) -> tuple[list[Any], dict[str, int]]:
+  """Each row's data through `convert` (its result, a dataclass with a `where` field, gets the
+  row's origin): a bad row's `DataError` is raised naming the row (`on_bad_row="error"`) or
+  counted by reason (`"skip"`); a tokenizer's error is not the row's fault, so it is always
+  raised, naming the row that needed it. Returns (items, {reason: skipped rows})."""
+  if on_bad_row not in ("error", "skip"):
+    raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}.")
+  items, skipped = [], collections.Counter()
   for row in rows:
     try:
       if isinstance(row.data, DataError):
         raise row.data
-      example = to_example(row.data, tokenizer, format=format, train_on=train_on,
-                           add_eos=add_eos)
-      examples.append(dataclasses.replace(example, where=row.where))
+      items.append(dataclasses.replace(convert(row.data), where=row.where))
     except DataError as e:
       if on_bad_row == "error":
         raise e.at(row.where) from None
       skipped[e.reason] += 1
     except TokenizerError as e:  # not the row's fault: never skipped, but located
       raise located(e, row.where) from None
-  return Tokenized(examples, dict(skipped), format)
+  return items, dict(skipped)
 
 
 def located(error: TokenizerError, where: str) -> TokenizerError:

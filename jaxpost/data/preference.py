@@ -53,7 +53,6 @@ token: `loss_mask.any(-1)`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -63,13 +62,13 @@ import numpy as np
 
 from jaxpost.data.errors import (EMPTY, MISSING_FIELD, TEMPLATE, WRONG_TYPE, DataError,
                                  field_error)
-from jaxpost.data.formats import (Chat, Example, check_messages, check_string, get_field,
-                                  located, prompt_completion_example)
+from jaxpost.data.formats import (Chat, Example, check_messages, check_string, convert_rows,
+                                  get_field, prompt_completion_example)
 from jaxpost.data.packing import make_rows
 from jaxpost.data.pipeline import pad_id_of
 from jaxpost.data.preference_iterator import PreferenceIterator, PreferenceStats
 from jaxpost.data.sources import Row, read_rows
-from jaxpost.tokenizer import Tokenizer, TokenizerError
+from jaxpost.tokenizer import Tokenizer
 
 IDENTICAL = "identical"  # the skipped-rows reason of a pair whose sides are the same
 
@@ -290,21 +289,7 @@ class PreferenceTokenized(NamedTuple):
 
 def _tokenize(rows: Iterable[Row], convert: Callable[[Mapping[str, Any]], Any],
               on_bad_row: str) -> PreferenceTokenized:
-  if on_bad_row not in ("error", "skip"):
-    raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}.")
-  items, skipped = [], collections.Counter()
-  for row in rows:
-    try:
-      if isinstance(row.data, DataError):
-        raise row.data
-      items.append(dataclasses.replace(convert(row.data), where=row.where))
-    except DataError as e:
-      if on_bad_row == "error":
-        raise e.at(row.where) from None
-      skipped[e.reason] += 1
-    except TokenizerError as e:  # not the row's fault: never skipped, but located
-      raise located(e, row.where) from None
-  return PreferenceTokenized(items, dict(skipped))
+  return PreferenceTokenized(*convert_rows(rows, convert, on_bad_row))
 
 
 def tokenize_pairs(rows: Iterable[Row], tokenizer: Tokenizer, *,

@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 from jaxpost import sharding as sharding_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_config import config_to_hf
-from jaxpost.models.hf_io import (CheckpointError, TensorMap, tensor_maps, load_tensors, write_tensors)
+from jaxpost.models.hf_io import (CheckpointError, TensorMap, load_tensors, tensor_maps,
+                                  write_tensors)
 from jaxpost.models.params import ParamSpec, param_specs
 
 SCORE = "score"
