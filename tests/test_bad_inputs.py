@@ -382,19 +382,34 @@ def test_a_corrupt_latest_checkpoint_falls_back_loudly_or_stops_by_name(world, t
   assert (copy / "checkpoints" / f"{latest}.corrupt").exists()
 
 
+def _small_tmpfs(folder: Path, options: str) -> None:
+  folder.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
 @pytest.mark.slow
 def test_a_full_disk_is_one_message(tmp_path):
   """The run folder on a 700 KiB tmpfs: the first checkpoint cannot be written."""
   mount = tmp_path / "small"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
-                    capture_output=True).returncode != 0:
-    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  _small_tmpfs(mount, "size=700k")
   try:
     recipe = tmp_path / "full.yaml"
     recipe.write_text(GOOD.format(algorithm="sft", run_dir=mount / "run"))
     proc = jaxpost("train", recipe, "checkpoint.every=1")
     assert_one_clear_error(proc, r"step 1 was not saved.*No space left on device.*free disk space")
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # at most orbax's one line
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_run_folder_is_one_message(tmp_path):
+  mount = tmp_path / "ro"
+  _small_tmpfs(mount, "ro,size=1m")
+  try:
+    recipe = tmp_path / "ro.yaml"
+    recipe.write_text(GOOD.format(algorithm="sft", run_dir=mount / "run"))
+    assert_one_clear_error(jaxpost("train", recipe), r"Read-only file system: .*ro/run.*run_dir")
   finally:
     subprocess.run(["umount", str(mount)], check=False)
