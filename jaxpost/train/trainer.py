@@ -11,6 +11,7 @@ the algorithm made).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +79,20 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   """
   run = build(cfg, algorithm)
   log(run.trainable.describe)
+  checkpointer = _checkpointer(cfg, run.run_dir)
+  try:
+    summary = _train(run, checkpointer, on_step)
+  except BaseException:
+    with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+      checkpointer.close()
+    raise
+  checkpointer.close()
+  return summary
+
+
+def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
+  """`train` once the run is built and its checkpointer open."""
+  cfg = run.cfg
   state, frozen = run.init_state()
   t, a = cfg.train, run.algorithm
   start_policy = run.policy(state.params, frozen)
@@ -85,7 +100,6 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   held_out = a.batches("eval", start_policy)
   eval_batches = list(held_out) if held_out is not None else []
 
-  checkpointer = _checkpointer(cfg, run.run_dir)
   start = 0
   if cfg.checkpoint.resume and (latest := checkpointer.latest_step()) is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -149,7 +163,6 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
                  skipped_steps=metrics.skipped)
   if (after := _exact_match(run, state, frozen)) is not None:
     summary["exact_match_after"] = after
-  checkpointer.close()
   return summary
 
 
