@@ -100,6 +100,8 @@ def world(tmp_path_factory):
   w["old_pref"] = write("old_pref.yaml", GOOD.format(algorithm="dpo", run_dir=root / "x")
                         + "preference: {beta: 0.2}\ndpo: {beta: 0.3}\n")
   w["a_file"] = write("a_file", "not a folder\n")
+  (root / "no_ckpt").mkdir()
+  (root / "no_ckpt" / "config.yaml").write_bytes((root / "run" / "config.yaml").read_bytes())
   for name, text in (("ad_list", "[1]"), ("ad_nokey", '{"peft_type": "LORA", "r": 4}')):
     (root / name).mkdir()
     (root / name / "adapter_config.json").write_text(text)
@@ -282,6 +284,8 @@ RUN_CASES = [
      r"a_file"),
     ("export a non-run", lambda w: ["export", w["root"]], r"no config\.yaml"),
     ("export a missing folder", lambda w: ["export", w["root"] / "nowhere"], r"nowhere"),
+    ("export a run without checkpoints", lambda w: ["export", w["root"] / "no_ckpt"],
+     r"no finalised checkpoint in .*checkpoints to export"),
     ("export missing step", lambda w: ["export", w["run"], "--step", "3", "--out",
                                        w["root"] / "out3"], r"step 3 is not a finalised checkpoint"),
     ("plot without metrics", lambda w: ["plot", w["root"]], r"metrics"),
@@ -323,9 +327,12 @@ def test_the_good_run_survives_every_bad_command(world):
   run = world["run"]
   assert (run / "config.yaml").read_bytes() == world["config_bytes"]
   out = world["root"] / "exported"
+  listing = lambda: sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))  # noqa: E731
+  before = listing()
   proc = jaxpost("export", run, "--out", out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (out / "final" / "model.safetensors").exists()
+  assert listing() == before  # export reads the run and writes only into --out
   proc = jaxpost("train", world["recipe"], "train.steps=6")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from" in proc.stdout and "at step 4" in proc.stdout

@@ -153,7 +153,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, save_every: int, keep_last: int = 2,
                keep_best: int = 0, best_metric: str = "eval/loss",
-               best_mode: Literal["min", "max"] = "min", async_save: bool = True):
+               best_mode: Literal["min", "max"] = "min", async_save: bool = True,
+               read_only: bool = False):
     if save_every < 1:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
     if keep_last < 1:
@@ -168,16 +169,17 @@ class Checkpointer:
     self.best_metric = best_metric
     self._policy = _KeepLastAndBest(keep_last, keep_best, best_metric, best_mode,
                                     is_finalised=lambda s: self._is_finalised(self._step_dir(s)))
-    self._sweep()
+    if not read_only:
+      self._sweep()
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
         preservation_policy=self._policy,
         # best_fn only makes orbax write (and reload) the `metrics` item the policy ranks by.
         best_fn=(lambda m: m.get(best_metric, math.nan)) if keep_best > 0 else None,
         best_mode=best_mode,
-        cleanup_tmp_directories=True,
-        todelete_subdir=_TRASH,  # prune by an atomic rename out of the step namespace
-        create=True,
+        cleanup_tmp_directories=not read_only,
+        todelete_subdir=None if read_only else _TRASH,  # prune by a rename out of the steps
+        create=not read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._metadata_handler = ocp.StandardCheckpointHandler()
@@ -185,6 +187,7 @@ class Checkpointer:
     self._save_threads: list[threading.Thread] = []  # orbax's writer threads of that save
     self._purger: threading.Thread | None = None
     self._closed = False
+    self._read_only = read_only
     ORBAX_GUARDS.acquire()
 
   # ---- saving -----------------------------------------------------------------------------
@@ -203,6 +206,8 @@ class Checkpointer:
     stored in the `extras` item, inside the step folder orbax commits atomically.
     """
     step = int(step)
+    if self._read_only:
+      raise ValueError(f"this Checkpointer of {self.directory} is read-only (read_only=True)")
     if not force and step % self.save_every != 0:
       return False
     self._wait_for_save()

@@ -12,6 +12,7 @@ the algorithm made).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -174,10 +175,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int
   run_dir = Path(run_dir)
   if not (run_dir / "config.yaml").exists():
     raise TrainingError(f"{run_dir} has no config.yaml; is it a jaxpost run folder?")
-  run = build(load_config(run_dir / "config.yaml"), algorithm, training=False)
-  checkpointer = Checkpointer(run.run_dir / "checkpoints",
-                              save_every=run.cfg.checkpoint.every or 1)
+  folder = run_dir / "checkpoints"
+  if not folder.is_dir():
+    raise TrainingError(f"no finalised checkpoint in {folder} to export")
+  # The folder given is the run, wherever it was trained (it may have been moved since).
+  cfg = dataclasses.replace(load_config(run_dir / "config.yaml"), run_dir=str(run_dir))
+  run = build(cfg, algorithm, training=False)
+  checkpointer = Checkpointer(folder, save_every=1, read_only=True)  # writes nothing there
   if checkpointer.latest_step() is None:
+    checkpointer.close()
     raise TrainingError(f"no finalised checkpoint in {checkpointer.directory} to export")
   tree, _, _, restored = checkpointer.restore(run.checkpoint_abstract(run.abstract_state()),
                                               step=step)
