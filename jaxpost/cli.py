@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Errors of ours, whose message already names the key, file, row or step (exit 2).
+_KNOWN = (ValueError, OSError, TrainingError, ChatTemplateError)
+
+
 def error_message(e: BaseException) -> str:
   """One line for a user-facing error: ours name the file, key, row or step already; an
   `OSError` is given its path and what to check; anything else is an internal error."""
@@ -183,7 +187,7 @@ def error_message(e: BaseException) -> str:
                            "path",
             errno.EISDIR: "a folder stands where a file is needed"}.get(e.errno, "")
     return f"{what}: {e.filename}" + (f"; {hint}" if hint else "")
-  if isinstance(e, (ValueError, OSError, TrainingError, ChatTemplateError)):
+  if isinstance(e, _KNOWN):
     return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
   return (f"internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]}); rerun with "
           "--debug for the traceback and please report it")
@@ -202,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
       raise
     print(f"jaxpost: error: {error_message(e)}", file=sys.stderr)
-    known = isinstance(e, (ValueError, OSError, TrainingError, ChatTemplateError))
-    return 2 if known else 1
+    return 2 if isinstance(e, _KNOWN) else 1
 
 
 if __name__ == "__main__":

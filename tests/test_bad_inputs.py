@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import tokenizer_fixtures
+
 GOOD = """\
 algorithm: {algorithm}
 run_dir: {run_dir}
@@ -143,16 +145,7 @@ def world(tmp_path_factory):
   w["m_notok"] = model_variant("m_notok", lambda f: [
       (f / n).unlink() for n in ("tokenizer.model", "tokenizer.json") if (f / n).exists()])
 
-  def no_template(f):
-    path = f / "tokenizer_config.json"
-    if path.exists():
-      cfg = json.loads(path.read_text())
-      cfg.pop("chat_template", None)
-      path.write_text(json.dumps(cfg))
-    if (f / "chat_template.jinja").exists():
-      (f / "chat_template.jinja").unlink()
-
-  w["m_notemplate"] = model_variant("m_notemplate", no_template)
+  w["m_notemplate"] = model_variant("m_notemplate", tokenizer_fixtures.remove_chat_template)
 
   def files(name, **kw):
     path = root / f"{name}.yaml"

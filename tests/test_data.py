@@ -255,12 +255,7 @@ def test_unreadable_json_array_and_parquet_name_the_file(tmp_path):
 def test_conversations_without_a_chat_template_name_the_tokenizer_folder(tok_folder, tmp_path):
   folder = tmp_path / "no_template"
   shutil.copytree(tok_folder, folder)
-  config = json.loads((folder / "tokenizer_config.json").read_text())
-  config.pop("chat_template", None)
-  (folder / "tokenizer_config.json").write_text(json.dumps(config))
-  for extra in folder.glob("*.jinja"):
-    extra.unlink()
-  bare = load_tokenizer(folder)
+  bare = load_tokenizer(tokenizer_fixtures.remove_chat_template(folder))
   path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "a", "completion": " b"},
                                                {"messages": conversation(random.Random(0))}])
   for mode in ("error", "skip"):  # never skipped: every conversation would be lost

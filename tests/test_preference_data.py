@@ -190,12 +190,7 @@ def test_truncation_names_the_rows_it_cut_and_dropped(tok, tmp_path):
 
 def test_conversational_pairs_without_a_chat_template_name_row_and_folder(tmp_path):
   folder = make_tokenizer(tmp_path / "tok", tokenizer_fixtures.corpus(300))
-  config = json.loads((folder / "tokenizer_config.json").read_text())
-  config.pop("chat_template", None)
-  (folder / "tokenizer_config.json").write_text(json.dumps(config))
-  for extra in folder.glob("*.jinja"):
-    extra.unlink()
-  bare = load_tokenizer(folder)
+  bare = load_tokenizer(tokenizer_fixtures.remove_chat_template(folder))
   path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_PAIR, {"prompt": [U], "chosen": "five",
                                                             "rejected": "six"}])
   with pytest.raises(TokenizerError, match=rf"^{path} row 2: the tokenizer in {folder} has no "

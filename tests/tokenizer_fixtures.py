@@ -35,6 +35,19 @@ def _write_json(path: Path, data: Any) -> None:
   path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+def remove_chat_template(folder: Path) -> Path:
+  """Takes every chat template out of a tokenizer folder (tokenizer_config.json's and the
+  *.jinja files), for tests of a tokenizer without one."""
+  config_path = Path(folder) / "tokenizer_config.json"
+  if config_path.exists():
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+  for extra in Path(folder).glob("*.jinja"):
+    extra.unlink()
+  return Path(folder)
+
+
 def _added(content: str, special: bool = True) -> dict[str, Any]:
   return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
           "single_word": False, "special": special}
