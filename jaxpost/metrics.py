@@ -81,6 +81,9 @@ def _summary_writer_class() -> type:
   return SummaryWriter
 
 
+SAMPLES_FILE = "samples.jsonl"
+
+
 class MetricWriter:
   """Appends `{"step", "time", **metrics}` lines to `run_dir/metrics.jsonl` and writes each
   metric as a TensorBoard scalar under `run_dir/tb`.
@@ -125,6 +128,22 @@ class MetricWriter:
           self._tb.add_scalar(name, float(value), global_step=int(step), walltime=now)
       self._tb.flush()
     return record
+
+  def write_samples(self, step: int, samples: list[Mapping[str, Any]]) -> None:
+    """Appends `{"step", **sample}` lines to `run_dir/samples.jsonl` (e.g. an RL step's prompts,
+    completions and rewards) and puts them in TensorBoard as text under `samples`."""
+    if self._file is None or not samples:
+      return
+    lines = [json.dumps({"step": int(step), **s}, default=float) for s in samples]
+    path = self.run_dir / SAMPLES_FILE
+    if path.exists():
+      _drop_partial_line(path)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in lines))
+    if self._tb is not None:
+      table = "\n\n".join(f"    {line}" for line in lines)  # markdown code block per sample
+      self._tb.add_text("samples", table, global_step=int(step))
+      self._tb.flush()
 
   def close(self) -> None:
     """Flushes and closes the files; further writes are dropped."""

@@ -4,9 +4,14 @@
     out.tokens    [B, max_new_tokens] int32, `pad_id` after a row has ended
     out.logprobs  [B, max_new_tokens] float32: log p(token) under the model's own distribution
                   (raw logits, before temperature / top-k / top-p), 0 after a row has ended;
-                  these equal the training forward's log-probs for the same sequences, which is
-                  what RL needs for old-policy log-probs
+                  these equal the training forward's log-probs for the same sequences
+    out.sample_logprobs  the same under the tempered distribution (logits / temperature, no
+                  top-k / top-p filtering): what RL's importance ratios are taken against
     out.lengths   [B] number of generated tokens, the stop token included
+
+`num_samples=G` draws G completions of every prompt: each prompt is prefilled once and its
+KV cache copied to its G rows (rows i*G .. i*G + G - 1 are prompt i's), so B * G outputs cost
+B prompt forwards, not B * G.
 
 Prompts of different lengths are left-padded (segment id 0) to a bucketed width, so a new
 prompt length only recompiles when it crosses a bucket. A row ends at its first stop token;
@@ -73,6 +78,7 @@ class GenerationOutput:
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
+  sample_logprobs: jax.Array
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int):
@@ -104,6 +110,7 @@ def generate(
     compute_dtype=None,
     cache_dtype=None,
     prompt_bucket: int = 64,
+    num_samples: int = 1,
 ) -> GenerationOutput:
   """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
 
@@ -112,42 +119,61 @@ def generate(
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   sampler = Sampler(temperature, top_k, top_p)
   tokens, segments = pad_prompts(prompt_tokens, pad_id, prompt_bucket)
   rng = jax.random.key(seed) if isinstance(seed, int) else seed
   stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [-1], jnp.int32)
   if cache_dtype is None:
     cache_dtype = compute_dtype or jnp.dtype(params["embed"].dtype)
-  return _generate(config, sampler, max_new_tokens, jnp.dtype(cache_dtype),
+  return _generate(config, sampler, max_new_tokens, num_samples, jnp.dtype(cache_dtype),
                    None if compute_dtype is None else jnp.dtype(compute_dtype),
                    params, jnp.asarray(tokens), jnp.asarray(segments), rng, stops,
                    jnp.int32(pad_id))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate(config, sampler, max_new, cache_dtype, compute_dtype, params, tokens_BxP,
-              segments_BxP, rng, stops_S, pad_id):
+def _repeat_rows(cache, n: int):
+  """A KV cache with each row repeated `n` times (rows i*n .. i*n + n - 1 are row i's)."""
+  if n == 1:
+    return cache
+  return cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
+                       segment_ids=jnp.repeat(cache.segment_ids, n, axis=0),
+                       next_pos=jnp.repeat(cache.next_pos, n, axis=0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype, params,
+              tokens_BxP, segments_BxP, rng, stops_S, pad_id):
   B, P = tokens_BxP.shape
   cache = start_cache(config, params, B, P + max_new, cache_dtype)
   out = forward(config, params, tokens_BxP, segment_ids=segments_BxP, cache=cache,
                 compute_dtype=compute_dtype, compute_logits=False)
   logits_BxV = lm_head(config, params, out.final_hidden[:, -1:])[:, 0]
+  # One prefill per prompt; its cache and last logits shared by the prompt's samples.
+  logits_BxV = jnp.repeat(logits_BxV, num_samples, axis=0)
+  out = out.replace(cache=_repeat_rows(out.cache, num_samples))
+  B = B * num_samples
+  tempered = sampler.temperature if sampler.temperature > 0 else 1.0
 
   def pick(logits_BxV, step):
     token_B = sampler.next_tokens(logits_BxV, jax.random.fold_in(rng, step))
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
                                  axis=-1)[:, 0]
-    return token_B, logp_B
+    sample_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV / tempered, axis=-1),
+                                   token_B[:, None], axis=-1)[:, 0]
+    return token_B, logp_B, sample_B
 
   def is_stop(token_B):
     return jnp.any(token_B[:, None] == stops_S[None, :], axis=-1)
 
-  token_B, logp_B = pick(logits_BxV, 0)
+  token_B, logp_B, sample_B = pick(logits_BxV, 0)
   state = dict(
       step=jnp.int32(1),
       token=token_B,
       tokens=jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(token_B),
       logprobs=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(logp_B),
+      sample_logprobs=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(sample_B),
       lengths=jnp.ones((B,), jnp.int32),
       done=is_stop(token_B),
       cache=out.cache,
@@ -162,18 +188,22 @@ def _generate(config, sampler, max_new, cache_dtype, compute_dtype, params, toke
     step_out = forward(config, layers, s["token"][:, None], cache=s["cache"],
                        compute_dtype=compute_dtype, compute_logits=False)
     logits_BxV = lm_head(config, params, step_out.final_hidden)[:, 0]
-    token_B, logp_B = pick(logits_BxV, s["step"])
+    token_B, logp_B, sample_B = pick(logits_BxV, s["step"])
     token_B = jnp.where(s["done"], pad_id, token_B)
     logp_B = jnp.where(s["done"], 0.0, logp_B)
+    sample_B = jnp.where(s["done"], 0.0, sample_B)
     return dict(
         step=s["step"] + 1,
         token=token_B,
         tokens=jax.lax.dynamic_update_slice(s["tokens"], token_B[:, None], (0, s["step"])),
         logprobs=jax.lax.dynamic_update_slice(s["logprobs"], logp_B[:, None], (0, s["step"])),
+        sample_logprobs=jax.lax.dynamic_update_slice(s["sample_logprobs"], sample_B[:, None],
+                                                     (0, s["step"])),
         lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
         done=s["done"] | is_stop(token_B),
         cache=step_out.cache,
     )
 
   s = jax.lax.while_loop(cond, body, state)
-  return GenerationOutput(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"])
+  return GenerationOutput(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"],
+                          sample_logprobs=s["sample_logprobs"])

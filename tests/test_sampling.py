@@ -57,6 +57,35 @@ def test_sampled_logprobs_equal_training_forward(model):
     np.testing.assert_allclose(np.asarray(out.logprobs[i]), expect, atol=1e-5, rtol=0)
 
 
+def test_num_samples_shares_the_prefill(model, greedy):
+  """G samples per prompt: prompt i's rows are i*G .. i*G + G - 1; greedy samples repeat the
+  single greedy output, and sampled rows' tempered log-probs equal the training forward's
+  log-softmax(logits / temperature)."""
+  config, params = model
+  G = 3
+  rep = generate(config, params, PROMPTS, max_new_tokens=N, temperature=0.0, prompt_bucket=16,
+                 num_samples=G)
+  np.testing.assert_array_equal(np.asarray(rep.tokens),
+                                np.repeat(np.asarray(greedy.tokens), G, axis=0))
+  np.testing.assert_allclose(np.asarray(rep.logprobs),
+                             np.repeat(np.asarray(greedy.logprobs), G, axis=0), atol=1e-6)
+  t = 0.7
+  out = generate(config, params, PROMPTS, max_new_tokens=N, temperature=t, seed=3,
+                 prompt_bucket=16, num_samples=G)
+  assert out.tokens.shape == (len(PROMPTS) * G, N)
+  assert len({tuple(np.asarray(out.tokens[i])) for i in range(G)}) > 1  # different samples
+  for row in range(len(PROMPTS) * G):
+    prompt, n = PROMPTS[row // G], int(out.lengths[row])
+    seq = np.asarray(list(prompt) + list(np.asarray(out.tokens[row, :n])))
+    padded, segments = np.zeros(32, np.int32), np.zeros(32, np.int32)
+    padded[:len(seq)], segments[:len(seq)] = seq, 1
+    logits = _forward(config, params, jnp.asarray(padded)[None],
+                      segment_ids=jnp.asarray(segments)[None]).logits[0, :len(seq)]
+    logp = jax.nn.log_softmax(logits / t, axis=-1)[len(prompt) - 1:-1]
+    expect = np.asarray(logp[np.arange(n), seq[len(prompt):]])
+    np.testing.assert_allclose(np.asarray(out.sample_logprobs[row, :n]), expect, atol=1e-5)
+
+
 def test_stop_tokens_end_rows_independently(model, greedy):
   config, params = model
   stop = int(greedy.tokens[0, 3])  # row 0 stops at step 3 at the latest

@@ -6,7 +6,7 @@
 
 A factory takes the built run (`jaxpost.train.build.Run`: model config, tokenizer, data,
 settings) and returns the `Algorithm`. One module per family: `sft`, `preference` (the DPO
-family and KTO), `reward` (Bradley-Terry reward models).
+family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the GRPO family).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def _kto(run):
   return preference.make_kto(run)
 
 
+def _grpo(run):
+  from jaxpost.algorithms import grpo  # pylint: disable=import-outside-toplevel
+  return grpo.make(run)
+
+
 def _reward(run):
   from jaxpost.algorithms import reward  # pylint: disable=import-outside-toplevel
   return reward.make(run)
@@ -39,7 +44,7 @@ def _reward(run):
 
 # name -> factory(run) -> Algorithm. `register` adds one.
 ALGORITHMS: dict[str, Callable[[Any], Algorithm]] = {
-    "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward}
+    "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward, "grpo": _grpo}
 
 
 def register(name: str, factory: Callable[[Any], Algorithm]) -> None:

@@ -44,7 +44,9 @@ class Frozen:
 class BatchSource(Protocol):
   """Where a run's batches come from. `next(policy)` gets the current policy (`Policy`): an
   offline source ignores it, an online one (RL) samples from it. `state()` is JSON-ready and
-  `restore(state)` continues exactly where `state()` was taken."""
+  `restore(state)` continues exactly where `state()` was taken. Optional: `host_metrics()`
+  (host-side metrics of the last batch, e.g. rewards; logged as `train/<name>`) and
+  `samples()` (a few examples for `samples.jsonl`)."""
 
   def next(self, policy: Policy | None) -> Batch: ...
   def state(self) -> dict[str, Any]: ...

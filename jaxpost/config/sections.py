@@ -24,17 +24,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-
-class ConfigError(ValueError):
-  """A run configuration that cannot be used; the message is one line naming the key."""
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
+from jaxpost.config.rl import RLSection
+from jaxpost.config.sections_base import ConfigError, Section, _require
 
 
-Algorithm = Literal["sft", "reward", "dpo", "kto"]
+Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo"]
 PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "cdpo", "robust", "simpo", "orpo"]
 Dtype = Literal["float32", "bfloat16"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
@@ -42,15 +36,6 @@ OnBadRow = Literal["error", "skip"]
 Optimizer = Literal["adamw", "adam", "sgd", "adafactor", "lion"]
 Schedule = Literal["constant", "linear", "cosine", "warmup_cosine"]
 Mode = Literal["min", "max"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-  """Base of every config section: a frozen dataclass with a per-section `validate`."""
-
-  def validate(self, prefix: str) -> None:
-    """Raises `ConfigError` for an impossible value; `prefix` is the section's dotted key
-    with a trailing dot (e.g. "optim."), for messages."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +394,7 @@ class RunConfig:
   kto: KTOSection = dataclasses.field(default_factory=KTOSection)
   reward: RewardSection = dataclasses.field(default_factory=RewardSection)
   reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
+  rl: RLSection = dataclasses.field(default_factory=RLSection)
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a
@@ -449,6 +435,15 @@ class RunConfig:
              "prompt section")
     _require(self.algorithm != "kto" or t.batch_size >= 2,
              "algorithm=kto needs train.batch_size >= 2 (its KL rows pair different rows)")
+    if self.algorithm == "grpo":
+      rl = self.rl
+      _require(t.batch_size * rl.mini_batches % rl.num_generations == 0,
+               f"a rollout batch is train.batch_size x rl.mini_batches = {t.batch_size} x "
+               f"{rl.mini_batches} completions, which must be a multiple of "
+               f"rl.num_generations={rl.num_generations} (whole groups)")
+      _require(self.reference.mode == "in_step" and self.reference.sync_every == 0,
+               "algorithm=grpo scores its reference once per rollout; leave the reference: "
+               "section at its defaults")
     ckpt = self.checkpoint
     _require(ckpt.keep_best == 0 or not ckpt.best_metric.startswith("eval/")
              or t.eval_every > 0,

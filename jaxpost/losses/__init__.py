@@ -3,15 +3,30 @@
 A loss may report `metrics["weight"]` (e.g. its token count); the update step then averages
 micro-batches by that weight, so accumulation equals one big batch. The preference objectives
 (`preference_loss`, `kto_loss`) are also public as functions of per-sequence log-probs, for
-users composing their own losses.
+users composing their own losses. The RL pieces (`jaxpost.losses.rl`) are functions of per-token
+log-probs: advantage estimators, `kl_penalty`, `policy_loss` and `value_loss`.
 """
 
 from jaxpost.losses.dpo import dpo_loss, kto_loss, pair_logps, sequence_scores
 from jaxpost.losses.preference import LOSS_TYPES, preference_loss, weighted_mean
 from jaxpost.losses.preference import kto_loss as kto_objective
+from jaxpost.losses.rl import (
+  AGGREGATIONS,
+  KL_KINDS,
+  gae,
+  group_advantages,
+  kl_penalty,
+  masked_whiten,
+  policy_loss,
+  reinforce_pp_advantages,
+  rloo_advantages,
+  value_loss,
+)
 from jaxpost.losses.sft import sft_loss
 from jaxpost.losses.tokens import sequence_logprobs, target_logprobs
 
-__all__ = ["LOSS_TYPES", "dpo_loss", "kto_loss", "kto_objective", "pair_logps",
-           "preference_loss", "sequence_logprobs", "sequence_scores", "sft_loss",
-           "target_logprobs", "weighted_mean"]
+__all__ = ["AGGREGATIONS", "KL_KINDS", "LOSS_TYPES", "dpo_loss", "gae", "group_advantages",
+           "kl_penalty", "kto_loss", "kto_objective", "masked_whiten", "pair_logps",
+           "policy_loss", "preference_loss", "reinforce_pp_advantages", "rloo_advantages",
+           "sequence_logprobs", "sequence_scores", "sft_loss", "target_logprobs", "value_loss",
+           "weighted_mean"]

@@ -14,11 +14,16 @@ from jaxpost.models import ModelConfig, lm_head
 
 
 def target_logprobs(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
-                    targets_BxT: jax.Array, *, chunk: int = 512) -> jax.Array:
+                    targets_BxT: jax.Array, *, chunk: int = 512,
+                    temperature: float = 1.0, with_entropy: bool = False):
   """log p(targets[t] | tokens[<= t]) for every position: [B, T] float32.
 
   `hidden_BxTxD` is `forward(..., compute_logits=False).final_hidden`. Positions whose target
-  is meaningless (padding, segment ends) get a value too: mask them in the loss.
+  is meaningless (padding, segment ends) get a value too: mask them in the loss. With
+  `temperature`, p is the tempered distribution softmax(logits / temperature): the one an RL
+  sampler drew from (TRL and verl score the policy at the sampling temperature, trl#4159).
+  `with_entropy` also returns each position's entropy of that distribution, [B, T], without
+  gradient (a metric: RL's entropy collapse).
   """
   B, T, D = hidden_BxTxD.shape
   h_NxBxCxD, t_NxBxC = chunked(chunk, hidden_BxTxD, targets_BxT)
@@ -27,15 +32,22 @@ def target_logprobs(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
   @jax.checkpoint
   def one(h_BxCxD, t_BxC):
     logits_BxCxV = lm_head(config, params, h_BxCxD)
+    if temperature != 1.0:
+      logits_BxCxV = logits_BxCxV / temperature
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     picked_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
-    return picked_BxC - lse_BxC
+    if not with_entropy:
+      return picked_BxC - lse_BxC
+    logits_BxCxV = jax.lax.stop_gradient(logits_BxCxV)
+    probs_BxCxV = jnp.exp(logits_BxCxV - jax.lax.stop_gradient(lse_BxC)[..., None])
+    entropy_BxC = jax.lax.stop_gradient(lse_BxC) - jnp.sum(probs_BxCxV * logits_BxCxV, axis=-1)
+    return picked_BxC - lse_BxC, entropy_BxC
 
   if n == 1:
-    out_NxBxC = one(h_NxBxCxD[0], t_NxBxC[0])[None]
+    out = jax.tree.map(lambda x: x[None], one(h_NxBxCxD[0], t_NxBxC[0]))
   else:
-    out_NxBxC = jax.lax.map(lambda args: one(*args), (h_NxBxCxD, t_NxBxC))
-  return out_NxBxC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    out = jax.lax.map(lambda args: one(*args), (h_NxBxCxD, t_NxBxC))
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T], out)
 
 
 def chunked(chunk: int, *arrays_BxT):

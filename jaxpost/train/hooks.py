@@ -42,6 +42,7 @@ class Metrics:
   def _finish(self, info) -> dict:
     step = info.step
     values = {f"train/{k}": float(v) for k, v in jax.device_get(info.metrics).items()}
+    values.update({f"train/{k}": float(v) for k, v in info.host_metrics.items()})
     bad = int(values.pop("train/bad_steps"))
     self.skipped += int(values.get("train/skipped", 0))
     if self.max_bad_steps and bad >= self.max_bad_steps:
@@ -55,6 +56,7 @@ class Metrics:
     self.bar.update(step, tokens=info.tokens, **shown)
     if step % self.log_every == 0 or step == self.steps:
       self.writer.write(step, values)
+      self.writer.write_samples(step, info.samples)
     if self.on_step is not None:
       self.on_step(step, values)
     return values | info.extra  # info.extra: filled by later hooks of the same step

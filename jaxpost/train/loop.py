@@ -3,7 +3,7 @@
     state, frozen = loop(run, state, frozen, source, hooks, start=0, steps=600)
 
 Per step: `source.next(policy)` gives a host batch (an online source samples it from the
-policy), it is placed on the batch sharding, the compiled step updates the donated state, the
+policy; its optional `host_metrics()` and `samples()` say how the batch was made), it is placed on the batch sharding, the compiled step updates the donated state, the
 algorithm's `after_step` may change the frozen inputs (TR-DPO's reference sync), and each hook
 sees the step (metrics, held-out evaluation, checkpoints: `jaxpost.train.hooks`). The loop never
 asks which algorithm it runs.
@@ -29,6 +29,8 @@ class StepInfo:
   metrics: dict
   tokens: int
   extra: dict = dataclasses.field(default_factory=dict)
+  host_metrics: dict = dataclasses.field(default_factory=dict)  # the source's, e.g. rewards
+  samples: list = dataclasses.field(default_factory=list)  # a few examples (RL completions)
 
 
 class Hook(Protocol):
@@ -41,14 +43,18 @@ def loop(run, state, frozen: Frozen, source: BatchSource, hooks: Sequence[Hook],
   """Steps `start` .. `steps` - 1; returns the final state and frozen inputs. Every hook's
   `end` runs once the steps are done (not after an error)."""
   after = run.algorithm.after_step
+  host_metrics = getattr(source, "host_metrics", None)
+  samples = getattr(source, "samples", None)
   for step in range(start, steps):
     batch = source.next(run.policy(state.params, frozen, step))
     tokens = tokens_in(batch)
+    extra = dict(host_metrics=host_metrics() if host_metrics else {},
+                 samples=samples() if samples else [])
     state, metrics = run.step(state, run.place(batch), frozen)
     done = step + 1
     if after is not None:
       frozen = after(done, state.params, frozen)
-    info = StepInfo(done, state, frozen, metrics, tokens)
+    info = StepInfo(done, state, frozen, metrics, tokens, **extra)
     for hook in hooks:
       hook.after_step(info)
   for hook in hooks:

@@ -1,0 +1,1 @@
+"""Online RL: rollouts, rewards."""
