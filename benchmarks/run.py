@@ -23,13 +23,16 @@ framework alike; a framework's time is the median over rounds of its per-round m
 time. The f32 matmul ceiling (for MFU) is measured by a jaxpost worker at the start and at
 the end; the best of the two counts.
 
-Workloads (GRPO is to come: add a `Workload` to `WORKLOADS` and a branch to the workers):
+Workloads (to add one: a `Workload` in `WORKLOADS` and a branch in each worker that runs it):
 
 * `sft`: a full-parameter SFT update step (AdamW) on batch x seq_len tokens;
 * `lora`: the same with rank-16 LoRA adapters on q, k, v, o, gate, up and down, base frozen;
 * `dpo`: a DPO step (sigmoid loss, beta 0.1) with a reference model on P pairs, each side a row
   of prompt + response tokens;
-* `generate`: greedy generation, batch 16, 128-token prompts, 128 new tokens.
+* `generate`: greedy generation, batch 16, 128-token prompts, 128 new tokens;
+* `grpo`: one GRPO step, rollout (2 prompts x 8 samples at temperature 1, 128 prompt tokens,
+  128 new tokens, a reward on the host, group advantages) then one update (beta 0, AdamW) on
+  the 16 prompt + completion rows; reported as a whole and split into rollout and update.
 """
 
 from __future__ import annotations
@@ -129,6 +132,51 @@ def gen_flops(config, spec: dict) -> float:
   return generate_flops(config, g["batch"], g["prompt_len"], g["new_tokens"])
 
 
+def grpo_rollout_flops(config, spec: dict) -> float:
+  """Sampling G completions of each prompt: each prompt prefilled once (its cache shared by its
+  G samples), then G rows of one-token steps: `generate_flops` with the prefill counted per
+  prompt and the decode steps per sample."""
+  g = spec["grpo"]
+  prefill = generate_flops(config, g["prompts"], g["prompt_len"], 1)
+  decode = (generate_flops(config, 1, g["prompt_len"], g["new_tokens"])
+            - generate_flops(config, 1, g["prompt_len"], 1))
+  return prefill + g["prompts"] * g["group"] * decode
+
+
+def grpo_update_flops(config, spec: dict) -> float:
+  """The update: 3 x forward (as `sft_flops`) over the G x P rows of prompt + completion."""
+  g = spec["grpo"]
+  seq = g["prompt_len"] + g["new_tokens"]
+  return 3.0 * forward_flops_per_token(config, seq) * g["prompts"] * g["group"] * seq
+
+
+def grpo_flops(config, spec: dict) -> float:
+  """One RL step: the rollout's forward FLOPs plus the update's."""
+  return grpo_rollout_flops(config, spec) + grpo_update_flops(config, spec)
+
+
+def grpo_generated_tokens(spec: dict) -> int:
+  g = spec["grpo"]
+  return g["prompts"] * g["group"] * g["new_tokens"]
+
+
+def grpo_row_tokens(spec: dict) -> int:
+  """Tokens of the rows one RL step samples and trains: G x P rows of prompt + completion."""
+  g = spec["grpo"]
+  return g["prompts"] * g["group"] * (g["prompt_len"] + g["new_tokens"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A part of a workload's step timed on its own (the worker reports `<key>_median_s`)."""
+
+  key: str
+  title: str
+  tokens_per_step: Callable[[dict], int]
+  flops_per_step: Callable[[Any, dict], float]
+  unit: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
   """One row group of the comparison: which frameworks run it and how it is counted."""
@@ -139,6 +187,7 @@ class Workload:
   tokens_per_step: Callable[[dict], int]
   flops_per_step: Callable[[Any, dict], float]
   unit: str  # what tokens/s counts
+  phases: tuple[Phase, ...] = ()  # parts of the step reported separately (GRPO)
 
 
 WORKLOADS = {
@@ -156,6 +205,12 @@ WORKLOADS = {
         Workload("generate", "Greedy generation", ("jaxpost", "tunix", "pytorch"),
                  lambda s: s["generate"]["batch"] * s["generate"]["new_tokens"], gen_flops,
                  "new tokens"),
+        Workload("grpo", "GRPO step (rollout + update)", ("jaxpost", "tunix"),
+                 grpo_row_tokens, grpo_flops, "row tokens",
+                 phases=(Phase("rollout", "rollout", grpo_generated_tokens, grpo_rollout_flops,
+                               "generated tokens"),
+                         Phase("update", "update", grpo_row_tokens, grpo_update_flops,
+                               "trained tokens"))),
     )
 }
 
@@ -190,6 +245,10 @@ class Settings:
   gen_batch: int = 16
   gen_prompt_len: int = 128
   gen_new_tokens: int = 128
+  grpo_prompts: int = 2
+  grpo_group: int = 8
+  grpo_prompt_len: int = 128
+  grpo_new_tokens: int = 128
 
 
 def make_spec(s: Settings, workload: str) -> dict:
@@ -203,6 +262,9 @@ def make_spec(s: Settings, workload: str) -> dict:
               "response_len": s.dpo_response_len, "beta": s.dpo_beta},
       "generate": {"batch": s.gen_batch, "prompt_len": s.gen_prompt_len,
                    "new_tokens": s.gen_new_tokens},
+      "grpo": {"prompts": s.grpo_prompts, "group": s.grpo_group,
+               "prompt_len": s.grpo_prompt_len, "new_tokens": s.grpo_new_tokens,
+               "temperature": 1.0},
       "lora": LORA,
       "optim": OPTIM,
       "matmul": {"sizes": list(s.matmul_sizes), "reps": s.matmul_reps},
@@ -322,10 +384,15 @@ def aggregate(s: Settings, runs: list[dict], ceiling: float) -> list[dict]:
         executed = [r["executed_matmul_flops"] for r in ok if "executed_matmul_flops" in r]
         if executed:
           row["executed_flops_per_step"] = executed[0]
+        executed = [r["update_executed_matmul_flops"] for r in ok
+                    if "update_executed_matmul_flops" in r]
+        if executed:
+          row["update_executed_flops_per_step"] = executed[0]
         if "trainable_params" in ok[0]:
           row["trainable_params"] = ok[0]["trainable_params"]
         if ok[0].get("losses"):
           row["loss_first"], row["loss_last"] = ok[0]["losses"][0], ok[0]["losses"][-1]
+        row["phases"] = phase_rows(w, config, spec, ok, ceiling)
       rows.append(row)
   by_key = {(r["workload"], r["framework"]): r for r in rows}
   for r in rows:
@@ -335,7 +402,31 @@ def aggregate(s: Settings, runs: list[dict], ceiling: float) -> list[dict]:
       if r["framework"] == "jaxpost" and mine and theirs and "tokens_per_s" in mine \
           and "tokens_per_s" in theirs:
         r[f"speedup_vs_{other}"] = mine["tokens_per_s"] / theirs["tokens_per_s"]
+        for key, phase in mine.get("phases", {}).items():
+          if key in theirs.get("phases", {}):
+            phase[f"speedup_vs_{other}"] = (theirs["phases"][key]["median_s"]
+                                            / phase["median_s"])
   return rows
+
+
+def phase_rows(w: Workload, config, spec: dict, ok: list[dict], ceiling: float) -> dict:
+  """The parts of a step a workload times separately (GRPO: rollout, update; and the sampling
+  inside the rollout), each from the median over rounds of its per-round median."""
+  out = {}
+  for phase in w.phases:
+    times = [r[f"{phase.key}_median_s"] for r in ok if f"{phase.key}_median_s" in r]
+    if not times:
+      continue
+    median = statistics.median(times)
+    tokens, flops = phase.tokens_per_step(spec), phase.flops_per_step(config, spec)
+    out[phase.key] = {"title": phase.title, "unit": phase.unit, "median_s": median,
+                      "fastest_round_s": min(times), "slowest_round_s": max(times),
+                      "tokens_per_step": tokens, "model_flops_per_step": flops,
+                      "tokens_per_s": tokens / median, "mfu": flops / median / 1e9 / ceiling}
+    sampling = [r["sampling_median_s"] for r in ok if "sampling_median_s" in r]
+    if phase.key == "rollout" and sampling:
+      out["sampling"] = {"title": "of which sampling", "median_s": statistics.median(sampling)}
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +459,43 @@ def summary_table(rows: list[dict], s: Settings) -> str:
     jp = by_key.get((name, "jaxpost"), {})
     cells += [_fmt(jp.get(f"speedup_vs_{f}"), ".2f", "x") for f in others]
     lines.append(f"| {w.title} ({w.unit}) | " + " | ".join(cells) + " |")
+    for phase in w.phases:
+      cells = []
+      for f in fws:
+        p = by_key.get((name, f), {}).get("phases", {}).get(phase.key)
+        cells.append("n/a" if (name, f) not in by_key else
+                     "failed" if p is None else f"{p['tokens_per_s']:,.0f}")
+      p = by_key.get((name, "jaxpost"), {}).get("phases", {}).get(phase.key, {})
+      cells += [_fmt(p.get(f"speedup_vs_{f}"), ".2f", "x") for f in others]
+      lines.append(f"| &nbsp;&nbsp;{phase.title} ({phase.unit}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def phase_table(rows: list[dict]) -> str:
+  """The split of the workloads timed in parts (GRPO): time, throughput and MFU per part."""
+  lines = [("| workload | framework | part | median s | share of step | rounds (fastest-slowest s) "
+            "| tokens / step | tokens/s | MFU |"), "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+  for r in rows:
+    if not r.get("phases"):
+      continue
+    name = WORKLOADS[r["workload"]].title
+    fw = FRAMEWORK_TITLES[r["framework"]]
+    for p in r["phases"].values():
+      share = f"{100 * p['median_s'] / r['median_s']:.0f}%"
+      if "tokens_per_s" in p:
+        lines.append(
+            f"| {name} | {fw} | {p['title']} | {p['median_s']:.3f} | {share} "
+            f"| {p['fastest_round_s']:.3f}-{p['slowest_round_s']:.3f} "
+            f"| {p['tokens_per_step']:,} {p['unit']} | {p['tokens_per_s']:,.0f} "
+            f"| {100 * p['mfu']:.1f}% |")
+      else:
+        lines.append(f"| {name} | {fw} | {p['title']} | {p['median_s']:.3f} | {share} "
+                     "| | | | |")
+    lines.append(f"| {name} | {fw} | whole step | {r['median_s']:.3f} | 100% "
+                 f"| {r['fastest_round_s']:.3f}-{r['slowest_round_s']:.3f} "
+                 f"| {r['tokens_per_step']:,} {WORKLOADS[r['workload']].unit} "
+                 f"| {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% |")
+  return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def detail_table(rows: list[dict]) -> str:
@@ -406,6 +533,13 @@ def flops_table(rows: list[dict], s: Settings) -> str:
     ex = jp.get("executed_flops_per_step")
     lines.append(f"| {WORKLOADS[name].title} | {r['tokens_per_step']:,} "
                  f"| {r['model_flops_per_step'] / 1e9:,.1f} | {_fmt(ex and ex / 1e9, ',.1f')} |")
+    config = jaxpost_config(s.model)
+    spec = make_spec(s, name)
+    for phase in WORKLOADS[name].phases:
+      ex = jp.get(f"{phase.key}_executed_flops_per_step")
+      lines.append(f"| &nbsp;&nbsp;{phase.title} | {phase.tokens_per_step(spec):,} "
+                   f"{phase.unit} | {phase.flops_per_step(config, spec) / 1e9:,.1f} "
+                   f"| {_fmt(ex and ex / 1e9, ',.1f')} |")
   return "\n".join(lines)
 
 
@@ -451,6 +585,15 @@ eps 1e-8, weight decay 0.01 on every trained parameter, constant learning rate, 
 * **Generation**: 16 prompts of 128 random tokens, 128 new tokens each, greedy, KV cache; no
   end token can stop a row early (every framework is checked to return 128 tokens per row).
   Tokens/s counts new tokens; the timed call includes the prefill.
+* **GRPO step**: one RL step: a rollout, then one update. Rollout: 2 prompts of 128 random
+  tokens, 8 samples each at temperature 1 (no top-k / top-p, no end token: every row
+  generates 128 tokens), a reward per completion on the host (the fraction of even token ids,
+  the same Python function on each side), group-normalised advantages (mean and std of the 8
+  rewards of a prompt). Update: the GRPO loss (clipped ratio, clip 0.2, token-mean over the
+  batch, beta 0 so no reference model and no KL) on the 16 rows of 128 prompt + 128
+  completion tokens, one AdamW step; one update per rollout, so the old policy is the current
+  one (ratio 1, no extra forward for old log-probs on either side). Tokens per step: the
+  16 x 256 row tokens (whole step and update), the 16 x 128 generated tokens (rollout).
 
 ## What is timed
 
@@ -478,6 +621,20 @@ the median over rounds. Every timed step ends when its results are computed
   logits, one-hot cross-entropy). Generation: one `tunix.generate.sampler.Sampler` call
   (greedy, cache of 256 slots, prompts passed as text through a stub tokenizer of
   space-separated ids; tokenising 16 x 128 ids is negligible).
+* **GRPO** (both sides): each RL step is timed as a whole and in two parts, the rollout
+  (sampling, rewards, advantages, the training batch on the device) and the update (one
+  optimizer step), each ended with `block_until_ready`; "sampling" is the generation call
+  alone, inside the rollout. jaxpost: `jaxpost.sampling.generate(..., temperature=1.0,
+  num_samples=8, prompt_bucket=128)` (each prompt prefilled once, its KV cache shared by its
+  8 samples), `jaxpost.losses.group_advantages`, `jaxpost.rl.rollout.completion_rows`, then
+  `make_train_step` over `jaxpost.algorithms.grpo.grpo_loss` ("dapo" = token-mean
+  aggregation). Tunix: its own loop, `GRPOLearner.train()` on an `RLCluster` (rollout engine
+  "vanilla", i.e. its `Sampler`; actor and rollout on one mesh, sharing weights), its steps
+  timed by wrapping `_run_global_step` (the whole step), `_generate_and_compute_advantage`
+  (rollout), `RLCluster.generate` (sampling) and `RLCluster.update_actor` (update) with timers.
+  Tunix repeats each prompt 8 times before generating, so it prefills 16 rows where jaxpost
+  prefills 2 (the model FLOPs count the 2 prefills the algorithm needs), and it samples every
+  rollout with the same key (`RolloutConfig.seed` None: `PRNGKey(0)`), which changes no work.
 * **PyTorch** (Hugging Face `LlamaForCausalLM`, float32, `torch.set_num_threads(cpu_count)`,
   eager, `sdpa` attention): `zero_grad`, `model(input_ids, labels=input_ids)`, `backward`,
   `AdamW.step`.
@@ -487,7 +644,10 @@ the median over rounds. Every timed step ends when its results are computed
 ## Columns
 
 * **tokens/s**: tokens per step / median step time (training: batch x sequence tokens; DPO:
-  the tokens of both sides, chosen and rejected rows; generation: new tokens).
+  the tokens of both sides, chosen and rejected rows; generation: new tokens; GRPO: the
+  16 x 256 prompt + completion row tokens per RL step, and in its sub-rows the generated
+  tokens per second of rollout and the trained row tokens per second of update, each part's
+  time the median over rounds of its per-round median).
 * **jaxpost / X**: jaxpost's tokens/s divided by X's (above 1: jaxpost is faster).
 * **MFU**: model FLOPs per step / median step time / the f32 matmul ceiling measured in this
   run (`bench_model.bench_matmul`, best of start and end). Model FLOPs are what the workload
@@ -495,10 +655,13 @@ the median over rounds. Every timed step ends when its results are computed
   2 N + 4 L T H Dh (N: matmul weights incl. the LM head; attention charged for all T keys).
   SFT: 3 x forward. LoRA: 4 N + 3 x attention + 6 N_lora per token (no weight gradients for
   the frozen base). DPO: 4 x forward per token of the 16 rows (policy forward and backward,
-  reference forward). Generation: `bench_model.generate_flops`. The FLOP table also gives the
-  matmul FLOPs of jaxpost's traced step (`bench_model.jaxpr_matmul_flops`): above the model
-  count where jaxpost recomputes (the LM head chunks under `jax.checkpoint`) or does more than
-  the algorithm needs.
+  reference forward). Generation: `bench_model.generate_flops`. GRPO: rollout = the forward
+  FLOPs of sampling (`generate_flops` with the prefill counted once per prompt and the
+  one-token steps once per sample), update = 3 x forward of the 16 x 256 rows; the step's MFU
+  is their sum over the step's time, each part's over its own time. The FLOP table also gives the
+  matmul FLOPs of jaxpost's traced step (`bench_model.jaxpr_matmul_flops`; for GRPO, of the
+  update step only): above the model count where jaxpost recomputes (the LM head chunks under
+  `jax.checkpoint`) or does more than the algorithm needs.
 * **CPU s / step**: the CPU time of the worker process (all threads) per timed step, median.
   On a quiet machine it is about cores x wall time for work that keeps every core busy; on a
   shared machine it is steadier than the wall time, so it helps read a noisy run (it also
@@ -559,6 +722,7 @@ def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
       "## Results", "",
       summary_table(rows, s), "",
       detail_table(rows), "",
+      *([phase_table(rows), ""] if phase_table(rows) else []),
       flops_table(rows, s), "",
       "![tokens/s per workload and framework](results.png)", "",
   ]

@@ -242,3 +242,24 @@ def test_resume_after_sigkill_mid_rollout_gives_the_same_weights(tmp_path):
   a = (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
   b = (tmp_path / "killed" / "final" / "model.safetensors").read_bytes()
   assert a == b
+
+
+def _doc_block(marker: str) -> str:
+  import re
+  text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+  return re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_docs_reward_function_and_custom_policy_loss_train(tmp_path):
+  """docs/architecture.md's reward function (as a file beside the recipe) and custom policy
+  loss (a factory passed to `train`) run as written."""
+  from jaxpost.train.trainer import train
+  (tmp_path / "doc_rewards.py").write_text(_doc_block("reward-function"))
+  namespace: dict = {}
+  exec(_doc_block("custom-policy-loss"), namespace)  # pylint: disable=exec-used
+  cfg = load_config(_recipe(tmp_path, "doc"), [
+      f"rl.reward_funcs={tmp_path / 'my_rewards.py'}:digits,{tmp_path / 'doc_rewards.py'}:brevity",
+      "rl.reward_weights=1.0,0.1"])
+  summary = train(cfg, algorithm=namespace["my_grpo"])
+  assert np.isfinite(summary["final_metrics"]["train/loss"])
+  assert "train/rewards/brevity/mean" in summary["final_metrics"]

@@ -11,12 +11,13 @@ and prints exactly one line starting with `RESULT_PREFIX` followed by the result
 
 The spec (built by `benchmarks/run.py`):
 
-    {"workload": "sft" | "lora" | "dpo" | "generate" | "matmul",
+    {"workload": "sft" | "lora" | "dpo" | "generate" | "grpo" | "matmul",
      "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "intermediate_size", "tie_embeddings", "rope_theta", "norm_eps"},
      "train": {"batch", "seq_len"},                     # sft, lora
      "dpo": {"pairs", "prompt_len", "response_len", "beta"},
      "generate": {"batch", "prompt_len", "new_tokens"},
+     "grpo": {"prompts", "group", "prompt_len", "new_tokens", "temperature"},
      "lora": {"rank", "alpha", "targets"},
      "optim": {"lr", "b1", "b2", "eps", "weight_decay"},
      "matmul": {"sizes", "reps"},
@@ -109,6 +110,24 @@ def prompts(spec: dict) -> np.ndarray:
                       dtype=np.int64).astype(np.int32)
 
 
+def grpo_prompts(spec: dict) -> np.ndarray:
+  """[prompts, prompt_len] int32 prompt ids of the GRPO workload (each sampled `group` times)."""
+  g = spec["grpo"]
+  rng = np.random.default_rng(spec["seed"] + 3)
+  return rng.integers(1, spec["model"]["vocab_size"], (g["prompts"], g["prompt_len"]),
+                      dtype=np.int64).astype(np.int32)
+
+
+def grpo_reward(completion_ids) -> float:
+  """The GRPO workload's reward of one completion (token ids): the fraction of even ids.
+
+  A trivial function of the sampled tokens, computed on the host, the same on every side; it
+  varies within a group, so the advantages are not all zero.
+  """
+  ids = np.asarray(completion_ids)
+  return float(np.mean(ids % 2 == 0)) if ids.size else 0.0
+
+
 def digest(*arrays: np.ndarray) -> str:
   """A short fingerprint of the arrays' values (to show every framework got the same data)."""
   h = hashlib.sha256()
@@ -148,15 +167,21 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> dict[str, An
   CPU time this process (all its threads) spent in each timed step: on a machine that other
   processes share, it moves much less than the wall time.
   """
-  warm, timed, cpu = [], [], []
+  times, cpu = [], []
   last = None
   for i in range(warmup + steps):
     start, start_cpu = time.perf_counter(), time.process_time()
     last = step()
-    (warm if i < warmup else timed).append(time.perf_counter() - start)
-    if i >= warmup:
-      cpu.append(time.process_time() - start_cpu)
-    log(f"  step {i + 1}/{warmup + steps}: {(warm + timed)[-1]:.3f} s")
+    times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+    log(f"  step {i + 1}/{warmup + steps}: {times[-1]:.3f} s")
+  return dict(step_timing(times, cpu, warmup), last=last)
+
+
+def step_timing(times: list[float], cpu: list[float], warmup: int) -> dict[str, Any]:
+  """`time_steps`' summary of per-step wall and CPU times (the first `warmup` are warm-up),
+  for a worker that timed its steps itself (Tunix's GRPO loop calls the step, not the worker)."""
+  warm, timed, cpu = times[:warmup], times[warmup:], cpu[warmup:]
   median = statistics.median(timed)
   return {
       "warmup_s": warm,
@@ -166,8 +191,13 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> dict[str, An
       "median_s": median,
       "first_step_s": warm[0] if warm else None,
       "compile_s": max(sum(warm) - len(warm) * median, 0.0) if warm else None,
-      "last": last,
   }
+
+
+def phase_medians(phases: dict[str, list[float]], steps: int) -> dict[str, float]:
+  """Medians of the last `steps` (the timed steps') entries of each phase's list of times."""
+  return {f"{name}_median_s": statistics.median(times[-steps:])
+          for name, times in phases.items()}
 
 
 def generation_result(framework: str, timing: dict[str, Any], prompt_ids: np.ndarray,

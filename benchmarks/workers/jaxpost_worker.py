@@ -22,6 +22,18 @@ train state and the metrics, or on the generated tokens):
   summed response log-probs.
 * **generate**: one call of `jaxpost.sampling.generate(..., temperature=0.0)` (greedy) on the
   prompt batch, prefill included.
+* **grpo**: one RL step, rollout then update, as `jaxpost.rl.rollout.RolloutSource` and the
+  train loop do it, from the library's own pieces. Rollout: `jaxpost.sampling.generate(...,
+  temperature=1.0, num_samples=G)` (each prompt prefilled once, its KV cache shared by its G
+  samples; no stop token, so every row generates all new tokens) with the tokens brought to
+  the host; the reward (`common.grpo_reward`) of each completion on the host;
+  `jaxpost.losses.group_advantages`; `jaxpost.rl.rollout.completion_rows` (prompt +
+  completion rows); the batch put on the device. Update: one `make_train_step(grpo_loss,
+  adamw)` call on the G x P rows (`jaxpost.algorithms.grpo.grpo_loss`, temperature 1, "dapo"
+  aggregation, beta 0 so no reference model; every row `fresh`, so the old log-probs are the
+  current ones and no extra forward is needed, as with one update per rollout in jaxpost's
+  trainer). The result has the medians of the sampling, rollout and update phases besides the
+  whole step's, and the matmul FLOPs of the traced update step.
 
 Besides the times, it counts the FLOPs of every matmul in each training step's traced program
 (`bench_model.jaxpr_matmul_flops`): the matmul work jaxpost actually executes, to compare with
@@ -165,6 +177,74 @@ def bench_generate(spec: dict) -> dict:
   return common.generation_result("jaxpost", timing, ids, lengths[-1], g["new_tokens"])
 
 
+def bench_grpo(spec: dict) -> dict:
+  """One GRPO step per call: rollout (sampling, rewards, advantages, rows), then the update."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bench_model import jaxpr_matmul_flops
+
+  from jaxpost.algorithms.grpo import grpo_loss
+  from jaxpost.losses import group_advantages
+  from jaxpost.models import init_params
+  from jaxpost.rl.rollout import completion_rows
+  from jaxpost.sampling import generate
+  from jaxpost.train import init_state, make_train_step
+
+  g = spec["grpo"]
+  G, P, N = g["group"], g["prompt_len"], g["new_tokens"]
+  config = jaxpost_config(spec["model"])
+  params = init_params(config, jax.random.key(spec["seed"]), dtype=jnp.float32)
+  opt = make_optimizer(spec)
+  loss = functools.partial(grpo_loss, config=config, temperature=g["temperature"],
+                           aggregation="dapo")
+  step = make_train_step(lambda params, batch, rng: loss(params, batch, rng), opt)
+  holder = [init_state(params, opt, jax.random.key(0))]
+  ids = common.grpo_prompts(spec)
+  prompt_ids = ids.tolist()
+  key = jax.random.key(spec["seed"] + 4)
+  phases = {"sampling": [], "rollout": [], "update": []}
+  losses, rewards_mean, lengths = [], [], []
+  last_batch = [None]
+
+  def one():
+    t0 = time.perf_counter()
+    out = generate(config, holder[0].params, prompt_ids, max_new_tokens=N,
+                   temperature=g["temperature"], num_samples=G,
+                   seed=jax.random.fold_in(key, len(losses)), prompt_bucket=P)
+    tokens, lens = (np.asarray(x) for x in jax.device_get((out.tokens, out.lengths)))
+    t1 = time.perf_counter()
+    rewards = np.asarray([common.grpo_reward(tokens[n, :lens[n]]) for n in range(len(tokens))],
+                         np.float32)
+    rows = completion_rows(prompt_ids, tokens, lens, group_size=G, width=P + N)
+    adv = np.asarray(group_advantages(jnp.asarray(rewards), G))[:, None] * rows["loss_mask"]
+    batch = jax.device_put(dict(rows, advantages=adv.astype(np.float32),
+                                old_logps=np.zeros(adv.shape, np.float32),
+                                fresh=np.ones((len(tokens),), np.float32)))
+    t2 = time.perf_counter()
+    holder[0], metrics = step(holder[0], batch, {})
+    jax.block_until_ready((holder[0], metrics))
+    t3 = time.perf_counter()
+    last_batch[0] = batch
+    phases["sampling"].append(t1 - t0)
+    phases["rollout"].append(t2 - t0)
+    phases["update"].append(t3 - t2)
+    losses.append(float(metrics["loss"]))
+    rewards_mean.append(float(rewards.mean()))
+    lengths.append(lens.tolist())
+    return metrics
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  if any(n != N for n in lengths[-1]):
+    raise RuntimeError(f"jaxpost generated {lengths[-1]} tokens per row, expected {N} each")
+  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], last_batch[0], {})
+  return dict(timing, **common.phase_medians(phases, spec["steps"]), phases=phases,
+              update_executed_matmul_flops=executed,
+              data_digest=common.digest(ids), losses=losses, rewards_mean=rewards_mean,
+              trainable_params=sum(x.size for x in jax.tree.leaves(params)),
+              generated_lengths=sorted(set(lengths[-1])))
+
+
 def bench_ceiling(spec: dict) -> dict:
   """The f32 matmul ceiling (`bench_model.bench_matmul`)."""
   from bench_model import bench_matmul
@@ -187,6 +267,8 @@ def main() -> None:
     result = bench_train(spec)
   elif w == "generate":
     result = bench_generate(spec)
+  elif w == "grpo":
+    result = bench_grpo(spec)
   elif w == "matmul":
     result = bench_ceiling(spec)
   else:

@@ -27,6 +27,21 @@ What one timed step is, per workload (each step ends when its outputs are ready)
   produced (so every row generates all new tokens). A "step" is one `sampler(...)` call,
   tokenising the prompts (a stub tokenizer that maps "12 7 ..." to ids) and decoding the
   outputs included.
+* **grpo**: Tunix's own RL loop, `GRPOLearner.train()` (beta 0, so no reference model; one
+  iteration per rollout; "token-mean" loss aggregation, which is jaxpost's "dapo"; clip 0.2)
+  on an `RLCluster` whose actor is the `Llama3` above, rollout engine "vanilla" (Tunix's
+  `Sampler`, temperature 1, top_p 1 and no top_k, i.e. plain sampling from the softmax, an
+  end token that is never produced), AdamW, actor and rollout on the same 1 x 1 mesh (so they
+  share the weights and nothing is synced). The loop runs warm-up + timed steps over a dataset
+  that repeats the 2 prompts (as space-separated ids, through the stub tokenizer); the reward,
+  a Python function of the completion text, is `common.grpo_reward` of its ids. Tunix calls
+  its own steps, so the worker times them by wrapping three of the learner's methods (timers
+  only, the calls go through unchanged): `_run_global_step` (one RL step as `train()` runs it:
+  rollout, then the update), `_generate_and_compute_advantage` (the rollout: the G samples of
+  each prompt, which Tunix's loop repeats G times before generating, so each of the 16 rows is
+  prefilled; rewards; advantages) and, inside it, `RLCluster.generate` (the sampling alone);
+  and `RLCluster.update_actor` (the actor trainer's `train()` on the rollout batch: one
+  optimizer step). Each phase ends with `jax.block_until_ready` on what it produced.
 """
 
 from __future__ import annotations
@@ -233,6 +248,95 @@ def bench_generate(spec: dict, mesh) -> dict:
   return common.generation_result("Tunix", timing, ids, lengths[-1], g["new_tokens"])
 
 
+def bench_grpo(spec: dict, mesh) -> dict:
+  """GRPO steps through `GRPOLearner.train()`, each RL step and its phases timed."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tunix.rl import rl_cluster as rl_cluster_lib
+  from tunix.rl.grpo import grpo_learner
+  from tunix.rl.rollout import base_rollout
+
+  g = spec["grpo"]
+  G, P, N = g["group"], g["prompt_len"], g["new_tokens"]
+  total = spec["warmup"] + spec["steps"]
+  model = make_model(spec, mesh)
+  role = rl_cluster_lib.Role
+  cluster_config = rl_cluster_lib.ClusterConfig(
+      role_to_mesh={role.ACTOR: mesh, role.REFERENCE: mesh, role.ROLLOUT: mesh},
+      rollout_engine="vanilla", offload_to_cpu=False,
+      training_config=rl_cluster_lib.RLTrainingConfig(
+          actor_optimizer=make_optimizer(spec), eval_every_n_steps=10**9, max_steps=total,
+          pbar_description=None),
+      rollout_config=base_rollout.RolloutConfig(
+          max_tokens_to_generate=N, max_prompt_length=P, kv_cache_size=P + N,
+          temperature=g["temperature"], top_p=1.0, top_k=None, eos_tokens=[-1]))
+  cluster = rl_cluster_lib.RLCluster(actor=model, reference=None, tokenizer=IdTokenizer(),
+                                     cluster_config=cluster_config)
+  algo_config = grpo_learner.GRPOConfig(num_generations=G, num_iterations=1, beta=0.0,
+                                        epsilon=0.2, loss_agg_mode="token-mean")
+  rewards_mean, lengths = [], []
+
+  def reward(prompts, completions, **kwargs):
+    del prompts, kwargs
+    ids = [[int(t) for t in text.split()] for text in completions]
+    lengths.append([len(x) for x in ids])
+    out = [common.grpo_reward(x) for x in ids]
+    rewards_mean.append(float(np.mean(out)))
+    return out
+
+  learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo_config,
+                                     reward_fns=reward)
+  phases = {"sampling": [], "rollout": [], "update": []}
+  times, cpu = [], []
+
+  def timed(fn, name, ready):
+    def wrapper(*args, **kwargs):
+      start = time.perf_counter()
+      out = fn(*args, **kwargs)
+      ready(out)
+      phases[name].append(time.perf_counter() - start)
+      return out
+    return wrapper
+
+  cluster.generate = timed(cluster.generate, "sampling",
+                           lambda out: jax.block_until_ready(out.tokens))
+  # pylint: disable=protected-access
+  learner._generate_and_compute_advantage = timed(learner._generate_and_compute_advantage,
+                                                  "rollout", jax.block_until_ready)
+  cluster.update_actor = timed(
+      cluster.update_actor, "update",
+      lambda _: jax.block_until_ready(nnx.state(cluster.actor_trainer.model, nnx.Param)))
+  run_global_step = learner._run_global_step
+
+  def global_step(*args, **kwargs):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = run_global_step(*args, **kwargs)
+    times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+    common.log(f"  step {len(times)}/{total}: {times[-1]:.3f} s (rollout "
+               f"{phases['rollout'][-1]:.3f} s, update {phases['update'][-1]:.3f} s)")
+    return out
+
+  learner._run_global_step = global_step
+  # pylint: enable=protected-access
+  ids = common.grpo_prompts(spec)
+  texts = [" ".join(str(int(t)) for t in row) for row in ids]
+  learner.train([{"prompts": np.asarray(texts)} for _ in range(total)])
+  if len(times) != total:
+    raise RuntimeError(f"Tunix's GRPO loop ran {len(times)} RL steps, expected {total}")
+  if any(n != N for n in lengths[-1]):
+    raise RuntimeError(f"Tunix generated {lengths[-1]} tokens per row, expected {N} each")
+  logger = cluster.actor_trainer.metrics_logger
+  losses = ([float(x) for x in logger.get_metric_history("actor", "loss", "train")]
+            if logger.metric_exists("actor", "loss", "train") else [])
+  return dict(common.step_timing(times, cpu, spec["warmup"]),
+              **common.phase_medians(phases, spec["steps"]), phases=phases,
+              data_digest=common.digest(ids), losses=losses, rewards_mean=rewards_mean,
+              trainable_params=count_params(cluster.actor_trainer.model, nnx.Param),
+              generated_lengths=sorted(set(lengths[-1])))
+
+
 def main() -> None:
   """Runs the spec's workload and prints the result line."""
   spec = common.read_spec()
@@ -254,6 +358,8 @@ def main() -> None:
       result = bench_dpo(spec, mesh)
     elif w == "generate":
       result = bench_generate(spec, mesh)
+    elif w == "grpo":
+      result = bench_grpo(spec, mesh)
     else:
       raise SystemExit(f"tunix worker: no workload {w!r}")
   result.update(framework="tunix", workload=spec["workload"],

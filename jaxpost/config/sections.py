@@ -25,7 +25,7 @@ import dataclasses
 from typing import Literal
 
 from jaxpost.config.rl import RLSection
-from jaxpost.config.sections_base import ConfigError, Section, _require
+from jaxpost.config.sections_base import ConfigError, Section, _require  # noqa: F401 (re-exported)
 
 
 Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo"]

@@ -205,13 +205,12 @@ class RolloutSource:
 
   def _rollout(self, policy) -> None:
     rl, G, P = self.rl, self.group, self.num_prompts
-    t0 = time.perf_counter()
     jax.block_until_ready(policy.params)
     t_ready = time.perf_counter()
     model = policy.model_params()
     kept: list[dict[str, Any]] = []  # one per kept group
     dropped: list[dict[str, Any]] = []
-    groups_seen = tries = 0
+    groups_seen = equal = tries = 0
     t_sample = t_reward = 0.0
     generated = 0
     step_key = jax.random.fold_in(self.key, policy.step)
@@ -235,8 +234,9 @@ class RolloutSource:
         groups_seen += 1
         raw = group["total"][group["valid"]]
         same = raw.size == 0 or np.all(raw == raw[0])
+        equal += int(same)
         (dropped if rl.dynamic_sampling and same else kept).append(group)
-    if len(kept) < P:
+    if len(kept) < P:  # only with dynamic sampling
       self.log(f"warning: dynamic sampling kept {len(kept)} of {P} groups after {tries} rounds "
                f"of sampling (the rest had equal rewards); the batch is filled with "
                f"{P - len(kept)} of them, which carry no advantage. Raise "
@@ -248,19 +248,17 @@ class RolloutSource:
     batch = self._with_logps(batch, model, policy)
     t_end = time.perf_counter()
     self._split(batch)
-    update_s = (t_ready - self._last_ready) if self._last_ready is not None else 0.0
-    update_s = max(update_s - 0.0, 0.0)
-    rollout_s = t_end - t_ready
     metrics.update({
-        "dynamic_sampling/dropped_fraction": (groups_seen - len([g for g in kept])) /
-        max(groups_seen, 1) if rl.dynamic_sampling else 0.0,
+        "dynamic_sampling/dropped_fraction":
+            equal / max(groups_seen, 1) if rl.dynamic_sampling else 0.0,
         "dynamic_sampling/rounds": float(tries),
         "timing/sampling_s": t_sample, "timing/reward_s": t_reward,
-        "timing/logps_s": t_end - t_logps, "timing/rollout_s": rollout_s,
+        "timing/logps_s": t_end - t_logps, "timing/rollout_s": t_end - t_ready,
         "rollout_tokens_per_s": generated / max(t_sample, 1e-9)})
-    if self._last_ready is not None:
-      metrics["timing/update_s"] = t0 - self._last_ready + (t_ready - t0)
-      metrics["update_tokens_per_s"] = self._queued_tokens / max(metrics["timing/update_s"], 1e-9)
+    if self._last_ready is not None:  # the previous rollout's updates, until their params
+      metrics["timing/update_s"] = t_ready - self._last_ready
+      metrics["update_tokens_per_s"] = self._queued_tokens / max(t_ready - self._last_ready,
+                                                                 1e-9)
     self._metrics, self._samples = metrics, samples
     self._last_ready = time.perf_counter()
     self._queued_tokens = int(batch["segment_ids"].astype(bool).sum()) * rl.num_iterations
