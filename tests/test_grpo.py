@@ -263,3 +263,52 @@ def test_the_docs_reward_function_and_custom_policy_loss_train(tmp_path):
   summary = train(cfg, algorithm=namespace["my_grpo"])
   assert np.isfinite(summary["final_metrics"]["train/loss"])
   assert "train/rewards/brevity/mean" in summary["final_metrics"]
+
+
+def test_prompts_from_a_file_plain_chat_and_messages(tmp_path, built):
+  """Prompt rows: plain text (BOS + text), chat messages (template + generation prompt), or a
+  conversation whose final assistant turn becomes the `answer` column; other columns pass
+  through; a bad row is one error naming file and row."""
+  from jaxpost.data import DataError
+  from jaxpost.rl.prompts import read_prompts
+  tok = built[0].tokenizer
+  path = tmp_path / "prompts.jsonl"
+  rows = [{"prompt": "What is 2 + 3?", "solution": "5"},
+          {"prompt": [{"role": "user", "content": "What is 4 + 4?"}], "answer": "8"},
+          {"messages": [{"role": "user", "content": "What is 1 + 1?"},
+                        {"role": "assistant", "content": "2"}]}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  plain, chat, conv = read_prompts(str(path), tok)
+  assert plain.ids == tuple(tok.encode("What is 2 + 3?", add_bos=True))
+  assert plain.columns == {"solution": "5"} and not plain.is_chat
+  expect = tok.apply_chat_template(rows[1]["prompt"], add_generation_prompt=True, tokenize=True)
+  assert chat.ids == tuple(expect) and chat.columns == {"answer": "8"}
+  assert conv.prompt == rows[2]["messages"][:1] and conv.columns == {"answer": "2"}
+  assert conv.where.endswith("row 3") or "3" in conv.where
+  path.write_text(json.dumps({"question": "no prompt"}) + "\n")
+  with pytest.raises(DataError, match=r"prompts\.jsonl.*'prompt'"):
+    read_prompts(str(path), tok)
+
+
+def test_online_dpo_pairs_best_and_worst_and_trains(tmp_path):
+  """algorithm=online_dpo: pairs [P, 2, T] of each prompt's best and worst sample by reward,
+  ties skipped and counted; the DPO loss against the start model starts at log 2."""
+  import math
+
+  from jaxpost.train.build import build
+  cfg = load_config(_recipe(tmp_path, "odpo"), ["algorithm=online_dpo", "train.batch_size=4"])
+  run = build(cfg)
+  state, frozen = run.init_state()
+  source = run.algorithm.batches("train", run.policy(state.params, frozen, 0))
+  batch = source.next(run.policy(state.params, frozen, 0))
+  assert batch["tokens"].shape == (4, 2, source.width)
+  metrics = source.host_metrics()
+  assert metrics["scores/chosen"] > metrics["scores/rejected"]
+  assert 0.0 <= metrics["ties_fraction"] <= 1.0
+  loss, m = run.evaluate_batch(state.params, frozen, run.place(batch))
+  assert abs(float(loss) - math.log(2)) < 1e-5 and float(m["weight"]) == 4.0
+  summary, rows = _train(tmp_path, "odpo_run", ["algorithm=online_dpo", "train.batch_size=4",
+                                                "dpo.loss_type=ipo"])
+  last = [r for r in rows if "train/loss" in r][-1]
+  assert np.isfinite(last["train/loss"]) and "train/scores/margin" in last
+  assert summary["headline"] == "eval/reward"

@@ -6,7 +6,7 @@
 
 A factory takes the built run (`jaxpost.train.build.Run`: model config, tokenizer, data,
 settings) and returns the `Algorithm`. One module per family: `sft`, `preference` (the DPO
-family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the GRPO family).
+family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the GRPO family), `online_dpo` (DPO on pairs the policy samples).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def _grpo(run):
   return grpo.make(run)
 
 
+def _online_dpo(run):
+  from jaxpost.algorithms import online_dpo  # pylint: disable=import-outside-toplevel
+  return online_dpo.make(run)
+
+
 def _reward(run):
   from jaxpost.algorithms import reward  # pylint: disable=import-outside-toplevel
   return reward.make(run)
@@ -44,7 +49,8 @@ def _reward(run):
 
 # name -> factory(run) -> Algorithm. `register` adds one.
 ALGORITHMS: dict[str, Callable[[Any], Algorithm]] = {
-    "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward, "grpo": _grpo}
+    "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward, "grpo": _grpo,
+    "online_dpo": _online_dpo}
 
 
 def register(name: str, factory: Callable[[Any], Algorithm]) -> None:

@@ -28,7 +28,7 @@ from jaxpost.config.rl import RLSection
 from jaxpost.config.sections_base import ConfigError, Section, _require  # noqa: F401 (re-exported)
 
 
-Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo"]
+Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo", "online_dpo"]
 PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "cdpo", "robust", "simpo", "orpo"]
 Dtype = Literal["float32", "bfloat16"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
@@ -444,6 +444,12 @@ class RunConfig:
       _require(self.reference.mode == "in_step" and self.reference.sync_every == 0,
                "algorithm=grpo scores its reference once per rollout; leave the reference: "
                "section at its defaults")
+    if self.algorithm == "online_dpo":
+      _require(self.rl.num_generations >= 2,
+               "algorithm=online_dpo pairs the best and worst of rl.num_generations samples per "
+               f"prompt: it needs rl.num_generations >= 2, got {self.rl.num_generations}")
+      _require(self.reference.mode == "in_step",
+               "algorithm=online_dpo samples new pairs every step: use reference.mode=in_step")
     ckpt = self.checkpoint
     _require(ckpt.keep_best == 0 or not ckpt.best_metric.startswith("eval/")
              or t.eval_every > 0,

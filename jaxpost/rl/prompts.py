@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxpost.data import DataError, read_rows
+from jaxpost.data import errors
 from jaxpost.data.epochs import EpochIterator, fingerprint_of
 from jaxpost.tokenizer import Tokenizer
 
@@ -54,17 +55,17 @@ def _prompt_of(data: dict[str, Any], where: str) -> tuple[str | list[dict], dict
       messages = messages[:-1]
     prompt = messages
   else:
-    raise DataError(f"{where}: an RL prompt row needs a 'prompt' (text or messages) or "
-                    f"'messages' column; it has {sorted(data)}")
+    raise DataError(errors.MISSING_FIELD, "an RL prompt row needs a 'prompt' (text or "
+                    f"messages) or 'messages' column; it has {sorted(data)}", where=where)
   if isinstance(prompt, str):
     if not prompt:
-      raise DataError(f"{where}: the prompt is empty")
+      raise DataError(errors.EMPTY, "the prompt is empty", where=where, field="prompt")
     return prompt, rest
   if not (isinstance(prompt, list) and prompt and all(
       isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
       for m in prompt)):
-    raise DataError(f"{where}: the prompt must be a string or a non-empty list of "
-                    "{'role', 'content'} messages")
+    raise DataError(errors.WRONG_TYPE, "the prompt must be a string or a non-empty list of "
+                    "{'role', 'content'} messages", where=where, field="prompt")
   return prompt, rest
 
 
@@ -94,7 +95,7 @@ def read_prompts(source: Any, tokenizer: Tokenizer, *, max_prompt_length: int | 
       ids = ids[-max_prompt_length:]
     prompts.append(Prompt(tuple(int(i) for i in ids), prompt, columns, row.where, len(prompts)))
   if not prompts:
-    raise DataError(f"{source}: no usable prompt rows")
+    raise DataError(errors.NO_ROWS, "no usable prompt rows", where=str(source))
   return prompts
 
 

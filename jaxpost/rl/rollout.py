@@ -127,12 +127,14 @@ class RolloutSource:
     log: where warnings go (printed on the first process).
   """
 
-  def __init__(self, run, prompts: Sequence[Prompt], rewards, *, log=print):
+  def __init__(self, run, prompts: Sequence[Prompt], rewards, *, log=print, pairs: bool = False):
     rl, t = run.cfg.rl, run.cfg.train
+    self.pairs = pairs  # online DPO: each prompt's best and worst completion, ties skipped
     self.run, self.rl, self.prompts, self.rewards, self.log = run, rl, list(prompts), rewards, log
     self.group = rl.num_generations
     self.rows_per_rollout = t.batch_size * rl.mini_batches
-    self.num_prompts = self.rows_per_rollout // self.group
+    # a pair per prompt (online DPO), else G rows per prompt
+    self.num_prompts = self.rows_per_rollout // (1 if pairs else self.group)
     self.order = PromptOrder(self.prompts, batch_size=self.num_prompts, seed=t.seed,
                              shuffle=run.cfg.data.shuffle)
     self.prompt_width = _round_up(max(len(p.ids) for p in self.prompts), 8)
@@ -214,7 +216,8 @@ class RolloutSource:
     t_sample = t_reward = 0.0
     generated = 0
     step_key = jax.random.fold_in(self.key, policy.step)
-    while len(kept) < P and tries < (rl.max_sampling_tries if rl.dynamic_sampling else 1):
+    drop_equal = rl.dynamic_sampling or self.pairs  # a pair needs two different rewards
+    while len(kept) < P and tries < (rl.max_sampling_tries if drop_equal else 1):
       prompts = [self.prompts[i] for i in next(self.order)["index"]]
       s0 = time.perf_counter()
       tokens, lengths, sample_logps = self._sample(model, prompts, jax.random.fold_in(
@@ -235,14 +238,20 @@ class RolloutSource:
         raw = group["total"][group["valid"]]
         same = raw.size == 0 or np.all(raw == raw[0])
         equal += int(same)
-        (dropped if rl.dynamic_sampling and same else kept).append(group)
-    if len(kept) < P:  # only with dynamic sampling
-      self.log(f"warning: dynamic sampling kept {len(kept)} of {P} groups after {tries} rounds "
-               f"of sampling (the rest had equal rewards); the batch is filled with "
-               f"{P - len(kept)} of them, which carry no advantage. Raise "
-               "rl.max_sampling_tries, or lower the difficulty of the prompts.")
-      kept += dropped[:P - len(kept)]
+        (dropped if drop_equal and same else kept).append(group)
+    if len(kept) < P:  # only when groups with equal rewards are dropped
+      self.log(f"warning: kept {len(kept)} of {P} groups after {tries} rounds of sampling (the "
+               f"rest had equal rewards); the batch is filled with {P - len(kept)} of them, "
+               "which carry no " + ("pair (weight 0)" if self.pairs else "advantage") +
+               ". Raise rl.max_sampling_tries, or lower the difficulty of the prompts.")
+      filler = [dict(g, filler=True) for g in dropped[:P - len(kept)]]
+      kept += filler
     kept = kept[:P]
+    if self.pairs:
+      batch, metrics, samples = self._assemble_pairs(kept)
+      metrics["ties_fraction"] = equal / max(groups_seen, 1)
+      self._queue_pairs(batch, metrics, samples, t_ready, t_sample, t_reward, tries, generated)
+      return
     batch, metrics, samples = self._assemble(kept, policy)
     t_logps = time.perf_counter()
     batch = self._with_logps(batch, model, policy)
@@ -326,6 +335,61 @@ class RolloutSource:
                       **{f"rewards/{k}": (None if np.isnan(v[n]) else float(v[n]))
                          for k, v in per_fn.items()}})
     return batch, metrics, samples
+
+  def _assemble_pairs(self, groups: list[dict[str, Any]]):
+    """Online DPO's batch: per group, its best completion (chosen) and worst (rejected) by
+    total reward, as the DPO family's paired rows [P, 2, T]; filler groups (all rewards
+    equal) get an empty loss mask, so `dpo_loss` gives them weight 0."""
+    chosen, rejected, scores_c, scores_r, samples = [], [], [], [], []
+    for g in groups:
+      total = np.where(g["valid"], g["total"], np.nan)
+      best = int(np.nanargmax(total)) if np.isfinite(total).any() else 0
+      worst = int(np.nanargmin(total)) if np.isfinite(total).any() else 0
+      for pick, out in ((best, chosen), (worst, rejected)):
+        out.append((g["prompt"].ids, g["tokens"][pick], g["lengths"][pick], g.get("filler")))
+      scores_c.append(g["total"][best])
+      scores_r.append(g["total"][worst])
+      if len(samples) < self.rl.samples_per_log:
+        p = g["prompt"]
+        samples.append({"prompt": p.prompt if isinstance(p.prompt, str)
+                        else p.prompt[-1]["content"], "chosen": g["texts"][best],
+                        "rejected": g["texts"][worst], "score_chosen": float(g["total"][best]),
+                        "score_rejected": float(g["total"][worst])})
+    sides = []
+    for side in (chosen, rejected):
+      tokens = np.stack([np.pad(t, (0, self.rl.max_new_tokens - len(t))) for _, t, _, _ in side])
+      lengths = np.asarray([n for _, _, n, _ in side])
+      rows = completion_rows([ids for ids, _, _, _ in side], tokens, lengths, 1, self.width)
+      rows["loss_mask"] *= np.asarray([0 if f else 1 for _, _, _, f in side], np.int32)[:, None]
+      sides.append(rows)
+    batch = {k: np.stack([sides[0][k], sides[1][k]], axis=1) for k in _ROW_KEYS}
+    scores_c, scores_r = np.asarray(scores_c), np.asarray(scores_r)
+    real = np.asarray([not g.get("filler") for g in groups])
+    lengths = np.concatenate([g["lengths"] for g in groups])
+    metrics = {
+        "scores/chosen": float(scores_c[real].mean()) if real.any() else 0.0,
+        "scores/rejected": float(scores_r[real].mean()) if real.any() else 0.0,
+        "scores/margin": float((scores_c - scores_r)[real].mean()) if real.any() else 0.0,
+        "reward": float(np.concatenate([g["total"] for g in groups]).mean()),
+        "completions/mean_length": float(lengths.mean()),
+    }
+    return batch, metrics, samples
+
+  def _queue_pairs(self, batch, metrics, samples, t_ready, t_sample, t_reward, tries,
+                   generated) -> None:
+    """Queues online DPO's mini-batches (`num_iterations` passes) and records the rollout."""
+    rl, n = self.rl, self.run.cfg.train.batch_size
+    minis = [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(rl.mini_batches)]
+    for _ in range(rl.num_iterations):
+      self.queue.extend(minis)
+    now = time.perf_counter()
+    metrics.update({"dynamic_sampling/rounds": float(tries), "timing/sampling_s": t_sample,
+                    "timing/reward_s": t_reward, "timing/rollout_s": now - t_ready,
+                    "rollout_tokens_per_s": generated / max(t_sample, 1e-9)})
+    if self._last_ready is not None:
+      metrics["timing/update_s"] = t_ready - self._last_ready
+    self._metrics, self._samples, self._last_ready = metrics, samples, now
+    self.rollouts += 1
 
   def _clipped(self, tokens_NxM, lengths_N) -> np.ndarray:
     """Completions that reached max_new_tokens without a stop token."""
