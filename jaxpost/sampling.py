@@ -7,6 +7,8 @@
                   these equal the training forward's log-probs for the same sequences
     out.sample_logprobs  the same under the tempered distribution (logits / temperature, no
                   top-k / top-p filtering): what RL's importance ratios are taken against
+    out.entropies [B, max_new_tokens] float32: the entropy of that tempered distribution at
+                  each generated token, 0 after a row has ended (RL's entropy metric)
     out.lengths   [B] number of generated tokens, the stop token included
 
 `num_samples=G` draws G completions of every prompt: each prompt is prefilled once and its
@@ -68,9 +70,20 @@ class Sampler:
     return logits
 
   def next_tokens(self, logits_BxV: jax.Array, rng: jax.Array) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw from softmax(filtered logits)
+    by inverting its cumulative distribution with one uniform number per row. That is the
+    same distribution as `jax.random.categorical`, whose Gumbel trick draws a random number
+    per vocabulary entry: at 16 rows x 32k entries on a CPU, 16 ms per decode step against
+    3 ms here."""
     if self.temperature == 0.0:
       return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, self.filter_logits(logits_BxV), axis=-1).astype(jnp.int32)
+    probs_BxV = jax.nn.softmax(self.filter_logits(logits_BxV).astype(jnp.float32), axis=-1)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    u_B1 = jax.random.uniform(rng, (logits_BxV.shape[0], 1), jnp.float32,
+                              minval=jnp.finfo(jnp.float32).tiny) * cdf_BxV[:, -1:]
+    # the first token whose cumulative probability reaches u (never a filtered one: its
+    # probability is 0, so its cumulative value equals the previous one's)
+    return jnp.sum(cdf_BxV < u_B1, axis=-1).astype(jnp.int32)
 
 
 @struct.dataclass
@@ -79,6 +92,7 @@ class GenerationOutput:
   logprobs: jax.Array
   lengths: jax.Array
   sample_logprobs: jax.Array
+  entropies: jax.Array
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int):
@@ -160,20 +174,22 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
     token_B = sampler.next_tokens(logits_BxV, jax.random.fold_in(rng, step))
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
                                  axis=-1)[:, 0]
-    sample_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV / tempered, axis=-1),
-                                   token_B[:, None], axis=-1)[:, 0]
-    return token_B, logp_B, sample_B
+    tempered_BxV = jax.nn.log_softmax(logits_BxV / tempered, axis=-1)
+    sample_B = jnp.take_along_axis(tempered_BxV, token_B[:, None], axis=-1)[:, 0]
+    entropy_B = -jnp.sum(jnp.exp(tempered_BxV) * tempered_BxV, axis=-1)
+    return token_B, logp_B, (sample_B, entropy_B)
 
   def is_stop(token_B):
     return jnp.any(token_B[:, None] == stops_S[None, :], axis=-1)
 
-  token_B, logp_B, sample_B = pick(logits_BxV, 0)
+  token_B, logp_B, (sample_B, entropy_B) = pick(logits_BxV, 0)
   state = dict(
       step=jnp.int32(1),
       token=token_B,
       tokens=jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(token_B),
       logprobs=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(logp_B),
       sample_logprobs=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(sample_B),
+      entropies=jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(entropy_B),
       lengths=jnp.ones((B,), jnp.int32),
       done=is_stop(token_B),
       cache=out.cache,
@@ -188,10 +204,11 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
     step_out = forward(config, layers, s["token"][:, None], cache=s["cache"],
                        compute_dtype=compute_dtype, compute_logits=False)
     logits_BxV = lm_head(config, params, step_out.final_hidden)[:, 0]
-    token_B, logp_B, sample_B = pick(logits_BxV, s["step"])
+    token_B, logp_B, (sample_B, entropy_B) = pick(logits_BxV, s["step"])
     token_B = jnp.where(s["done"], pad_id, token_B)
     logp_B = jnp.where(s["done"], 0.0, logp_B)
     sample_B = jnp.where(s["done"], 0.0, sample_B)
+    entropy_B = jnp.where(s["done"], 0.0, entropy_B)
     return dict(
         step=s["step"] + 1,
         token=token_B,
@@ -199,6 +216,8 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
         logprobs=jax.lax.dynamic_update_slice(s["logprobs"], logp_B[:, None], (0, s["step"])),
         sample_logprobs=jax.lax.dynamic_update_slice(s["sample_logprobs"], sample_B[:, None],
                                                      (0, s["step"])),
+        entropies=jax.lax.dynamic_update_slice(s["entropies"], entropy_B[:, None],
+                                               (0, s["step"])),
         lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
         done=s["done"] | is_stop(token_B),
         cache=step_out.cache,
@@ -206,4 +225,4 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
 
   s = jax.lax.while_loop(cond, body, state)
   return GenerationOutput(tokens=s["tokens"], logprobs=s["logprobs"], lengths=s["lengths"],
-                          sample_logprobs=s["sample_logprobs"])
+                          sample_logprobs=s["sample_logprobs"], entropies=s["entropies"])

@@ -163,7 +163,7 @@ def test_dynamic_sampling_keeps_only_groups_with_a_spread(tmp_path):
   (tmp_path / "half.py").write_text(textwrap.dedent("""\
       def half(prompts, completions, answer, **kwargs):
         texts = [c[-1]["content"] for c in completions]
-        return [0.5 if int(a) % 2 else sum(ch.isdigit() for ch in t) / max(len(t), 1)
+        return [0.5 if int(a) % 2 else float(len(t) + len(set(t)))
                 for a, t in zip(answer, texts)]
       """))
   cfg = load_config(_recipe(tmp_path, "dyn"), [
@@ -312,3 +312,32 @@ def test_online_dpo_pairs_best_and_worst_and_trains(tmp_path):
   last = [r for r in rows if "train/loss" in r][-1]
   assert np.isfinite(last["train/loss"]) and "train/scores/margin" in last
   assert summary["headline"] == "eval/reward"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(aggregation="dapo"), dict(aggregation="grpo"),
+    dict(aggregation="dr_grpo", max_completion_length=5),
+    dict(aggregation="seq_mean_token_sum", importance_level="sequence", clip_high=0.3)])
+def test_on_policy_route_equals_the_general_one(built, kwargs):
+  """One update per rollout, no KL: `grpo_loss(on_policy=True)` (the fused LM-head gradient)
+  gives the general route's loss and gradients on a fresh batch."""
+  import jax
+
+  from jaxpost.algorithms.grpo import grpo_loss
+  run, state, frozen, source = built
+  source.queue.clear()
+  batch = run.place(source.next(run.policy(state.params, frozen, 0)))
+  source.queue.clear()
+  model = run.trainable.model(state.params, frozen)
+
+  def loss(on_policy):
+    fn = lambda p: grpo_loss(p, batch, None, config=run.config, temperature=0.7,  # noqa: E731
+                             on_policy=on_policy, **kwargs)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(model)
+
+  (plain, m_plain), g_plain = loss(False)
+  (fused, m_fused), g_fused = loss(True)
+  np.testing.assert_allclose(float(fused), float(plain), atol=1e-7)
+  assert float(m_fused["weight"]) == float(m_plain["weight"])
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-7, rtol=1e-5)

@@ -144,3 +144,16 @@ def test_greedy_matches_transformers_generate(tmp_path):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24,
                           do_sample=False)[0, len(p):].numpy()
       np.testing.assert_array_equal(np.asarray(out.tokens[i]), ref)
+
+
+def test_draws_follow_the_filtered_distribution():
+  """Inverse-CDF draws match softmax(filtered logits / temperature): frequencies of 200k draws
+  within 4 standard errors, and tokens outside top-k / top-p never drawn."""
+  logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.0001, 0.25, 0.2, 0.0999]] * 200_000))
+  for sampler in (Sampler(1.0), Sampler(0.7, top_k=3), Sampler(1.0, top_p=0.8)):
+    tokens = np.asarray(jax.jit(sampler.next_tokens)(logits, jax.random.key(0)))
+    probs = np.asarray(jax.nn.softmax(sampler.filter_logits(logits[:1]), axis=-1))[0]
+    freq = np.bincount(tokens, minlength=6) / len(tokens)
+    se = np.sqrt(probs * (1 - probs) / len(tokens)) + 1e-12
+    assert np.all(np.abs(freq - probs) <= 4 * se), (freq, probs)
+    assert np.all(freq[probs == 0] == 0)

@@ -32,7 +32,8 @@ train state and the metrics, or on the generated tokens):
   adamw)` call on the G x P rows (`jaxpost.algorithms.grpo.grpo_loss`, temperature 1, "dapo"
   aggregation, beta 0 so no reference model; every row `fresh`, so the old log-probs are the
   current ones and no extra forward is needed, as with one update per rollout in jaxpost's
-  trainer). The result has the medians of the sampling, rollout and update phases besides the
+  trainer, which then passes `on_policy=True`: the LM head's gradient is taken in the forward
+  pass, `token_nll`). The result has the medians of the sampling, rollout and update phases besides the
   whole step's, and the matmul FLOPs of the traced update step.
 
 Besides the times, it counts the FLOPs of every matmul in each training step's traced program
@@ -197,7 +198,7 @@ def bench_grpo(spec: dict) -> dict:
   params = init_params(config, jax.random.key(spec["seed"]), dtype=jnp.float32)
   opt = make_optimizer(spec)
   loss = functools.partial(grpo_loss, config=config, temperature=g["temperature"],
-                           aggregation="dapo")
+                           aggregation="dapo", on_policy=True)
   step = make_train_step(lambda params, batch, rng: loss(params, batch, rng), opt)
   holder = [init_state(params, opt, jax.random.key(0))]
   ids = common.grpo_prompts(spec)

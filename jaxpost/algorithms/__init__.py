@@ -6,7 +6,8 @@
 
 A factory takes the built run (`jaxpost.train.build.Run`: model config, tokenizer, data,
 settings) and returns the `Algorithm`. One module per family: `sft`, `preference` (the DPO
-family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the GRPO family), `online_dpo` (DPO on pairs the policy samples).
+family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the GRPO family),
+`online_dpo` (DPO on pairs the policy samples), `ppo` (PPO with a critic).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _online_dpo(run):
   return online_dpo.make(run)
 
 
+def _ppo(run):
+  from jaxpost.algorithms import ppo  # pylint: disable=import-outside-toplevel
+  return ppo.make(run)
+
+
 def _reward(run):
   from jaxpost.algorithms import reward  # pylint: disable=import-outside-toplevel
   return reward.make(run)
@@ -50,7 +56,7 @@ def _reward(run):
 # name -> factory(run) -> Algorithm. `register` adds one.
 ALGORITHMS: dict[str, Callable[[Any], Algorithm]] = {
     "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward, "grpo": _grpo,
-    "online_dpo": _online_dpo}
+    "online_dpo": _online_dpo, "ppo": _ppo}
 
 
 def register(name: str, factory: Callable[[Any], Algorithm]) -> None:

@@ -1,4 +1,4 @@
-"""The `rl:` section: online reinforcement learning (`algorithm: grpo`).
+"""The `rl:` section: online reinforcement learning (`algorithm: grpo`, `online_dpo`, `ppo`).
 
 Kept beside `sections.py` (the loader walks it like any other section).
 """
@@ -43,6 +43,16 @@ class RLSection(Section):
 
   `dynamic_sampling` (DAPO) drops groups whose raw rewards are all equal and samples further
   prompts to fill the batch, up to `max_sampling_tries` rounds per rollout batch.
+
+  PPO with a critic (`algorithm: ppo`, `jaxpost.algorithms.ppo`; `advantage`, `scale_rewards`,
+  `beta` and `aggregation` are GRPO's and unused): the critic starts from `critic_from`
+  (`policy`: a copy of the policy's trunk with a new value head; or a reward model folder, whose
+  score head becomes the value head). Per-token rewards are -`kl_coef` * (logp_old - logp_ref)
+  plus the sequence score at the last token; `gae` with `gamma`, `lam` gives advantages
+  (whitened over the rollout batch when `whiten_advantages`) and returns. The loss adds
+  `vf_coef` * the value loss clipped at `value_clip` (None: unclipped). `adaptive_kl` moves
+  kl_coef towards a sequence KL of `target_kl` over `kl_horizon` samples (Ziegler et al. 2019).
+  For the first `value_warmup_steps` steps only the critic trains.
   """
   num_generations: int = 8
   max_new_tokens: int = 16
@@ -70,6 +80,17 @@ class RLSection(Section):
   dynamic_sampling: bool = False
   max_sampling_tries: int = 4
   samples_per_log: int = 4
+  critic_from: str = "policy"
+  vf_coef: float = 0.1
+  value_clip: float | None = 0.2
+  gamma: float = 1.0
+  lam: float = 0.95
+  kl_coef: float = 0.05
+  adaptive_kl: bool = False
+  target_kl: float = 6.0
+  kl_horizon: int = 10000
+  value_warmup_steps: int = 0
+  whiten_advantages: bool = True
 
   def weights(self) -> list[float]:
     names = self.names()
@@ -118,13 +139,29 @@ class RLSection(Section):
              f"{prefix}dual_clip must be > 1, got {self.dual_clip}")
     _require(self.tis_cap is None or self.tis_cap >= 1,
              f"{prefix}tis_cap must be >= 1, got {self.tis_cap}")
+    _require(not self.dynamic_sampling or self.num_generations >= 2,
+             f"{prefix}dynamic_sampling needs {prefix}num_generations >= 2")
+    _require("reward_model" not in self.names() or self.reward_model is not None,
+             f"{prefix}reward_funcs names reward_model: set {prefix}reward_model to its folder")
+    _require(bool(self.critic_from.strip()),
+             f"{prefix}critic_from must be 'policy' or a reward model folder, got ''")
+    _require(self.vf_coef >= 0, f"{prefix}vf_coef must be >= 0, got {self.vf_coef}")
+    _require(self.value_clip is None or self.value_clip > 0,
+             f"{prefix}value_clip must be > 0 (or null: no clipping), got {self.value_clip}")
+    for name in ("gamma", "lam"):
+      _require(0 <= getattr(self, name) <= 1,
+               f"{prefix}{name} must be in [0, 1], got {getattr(self, name)}")
+    _require(self.kl_coef >= 0, f"{prefix}kl_coef must be >= 0, got {self.kl_coef}")
+    _require(self.target_kl > 0, f"{prefix}target_kl must be > 0, got {self.target_kl}")
+    _require(self.kl_horizon >= 1, f"{prefix}kl_horizon must be >= 1, got {self.kl_horizon}")
+    _require(self.value_warmup_steps >= 0,
+             f"{prefix}value_warmup_steps must be >= 0, got {self.value_warmup_steps}")
+
+  def validate_advantage(self, prefix: str) -> None:
+    """The advantage estimator's needs (GRPO's `advantage`; PPO's critic has none)."""
     _require(self.advantage != "group" or self.num_generations >= 2,
              f"{prefix}advantage=group needs {prefix}num_generations >= 2 (a group of one has "
              "no baseline; use advantage=reinforce_pp for one sample per prompt)")
     _require(self.advantage != "rloo" or self.num_generations >= 2,
              f"{prefix}advantage=rloo needs {prefix}num_generations >= 2")
-    _require(not self.dynamic_sampling or self.num_generations >= 2,
-             f"{prefix}dynamic_sampling needs {prefix}num_generations >= 2")
-    _require("reward_model" not in self.names() or self.reward_model is not None,
-             f"{prefix}reward_funcs names reward_model: set {prefix}reward_model to its folder")
 

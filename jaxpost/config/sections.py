@@ -28,7 +28,7 @@ from jaxpost.config.rl import RLSection
 from jaxpost.config.sections_base import ConfigError, Section, _require  # noqa: F401 (re-exported)
 
 
-Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo", "online_dpo"]
+Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo", "online_dpo", "ppo"]
 PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "cdpo", "robust", "simpo", "orpo"]
 Dtype = Literal["float32", "bfloat16"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
@@ -435,15 +435,33 @@ class RunConfig:
              "prompt section")
     _require(self.algorithm != "kto" or t.batch_size >= 2,
              "algorithm=kto needs train.batch_size >= 2 (its KL rows pair different rows)")
-    if self.algorithm == "grpo":
+    if self.algorithm in ("grpo", "ppo"):
       rl = self.rl
       _require(t.batch_size * rl.mini_batches % rl.num_generations == 0,
                f"a rollout batch is train.batch_size x rl.mini_batches = {t.batch_size} x "
                f"{rl.mini_batches} completions, which must be a multiple of "
                f"rl.num_generations={rl.num_generations} (whole groups)")
       _require(self.reference.mode == "in_step" and self.reference.sync_every == 0,
-               "algorithm=grpo scores its reference once per rollout; leave the reference: "
-               "section at its defaults")
+               f"algorithm={self.algorithm} scores its reference once per rollout; leave the "
+               "reference: section at its defaults")
+    if self.algorithm == "grpo":
+      self.rl.validate_advantage("rl.")
+    if self.algorithm == "ppo":
+      rl = self.rl
+      _require(self.lora is None and self.prompt is None,
+               "algorithm=ppo trains the whole model: PPO's critic under PEFT is not supported "
+               "yet; remove the lora / prompt section")
+      _require(rl.beta == 0,
+               f"algorithm=ppo puts the KL penalty in the reward (rl.kl_coef); rl.beta={rl.beta} "
+               "is GRPO's KL loss term: leave it 0")
+      _require(rl.aggregation in ("dapo", "bnpo", "token_mean"),
+               f"algorithm=ppo averages its policy and value losses over tokens; "
+               f"rl.aggregation={rl.aggregation} is not a token mean (use token_mean)")
+      _require(rl.importance_level == "token",
+               "algorithm=ppo has per-token advantages: rl.importance_level must be token")
+      _require(rl.value_warmup_steps < t.steps,
+               f"rl.value_warmup_steps={rl.value_warmup_steps} leaves no step of train.steps="
+               f"{t.steps} for the policy")
     if self.algorithm == "online_dpo":
       _require(self.rl.num_generations >= 2,
                "algorithm=online_dpo pairs the best and worst of rl.num_generations samples per "

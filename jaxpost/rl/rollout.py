@@ -18,6 +18,9 @@ One rollout, for P = batch_size * mini_batches / G prompts:
 6. rows of prompt + completion, right-padded to one fixed width (one compiled step), split
    into `mini_batches` mini-batches, queued `num_iterations` times.
 
+PPO (`ppo=`, `jaxpost.rl.ppo_rollout`) replaces step 4: after step 5 (both log-probs always),
+the critic's values, KL-penalised per-token rewards and GAE give the advantages and returns.
+
 The first mini-batch of a rollout is marked `fresh`: the policy has not moved since it was
 sampled, and the loss takes its old log-probs as the current ones without gradient, so the
 importance ratio is exactly 1 (as TRL does when there is one update per rollout).
@@ -125,11 +128,15 @@ class RolloutSource:
     prompts: the prompts (`jaxpost.rl.prompts.read_prompts`).
     rewards: the reward functions (`jaxpost.rl.rewards.RewardFns`).
     log: where warnings go (printed on the first process).
+    pairs: online DPO's batches (each prompt's best and worst completion, ties skipped).
+    ppo: PPO's targets (`jaxpost.rl.ppo_rollout.PPOTargets`): values, KL-penalised rewards,
+      GAE advantages and returns in place of the reward-only advantages.
   """
 
-  def __init__(self, run, prompts: Sequence[Prompt], rewards, *, log=print, pairs: bool = False):
+  def __init__(self, run, prompts: Sequence[Prompt], rewards, *, log=print, pairs: bool = False,
+               ppo=None):
     rl, t = run.cfg.rl, run.cfg.train
-    self.pairs = pairs  # online DPO: each prompt's best and worst completion, ties skipped
+    self.pairs, self.ppo = pairs, ppo
     self.run, self.rl, self.prompts, self.rewards, self.log = run, rl, list(prompts), rewards, log
     self.group = rl.num_generations
     self.rows_per_rollout = t.batch_size * rl.mini_batches
@@ -163,9 +170,12 @@ class RolloutSource:
     return list(self._samples)
 
   def state(self) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "prompts": self.order.state(), "rollouts": self.rollouts,
-            "queue": _encode(self.queue) if self.queue else None,
-            "metrics": self._metrics, "samples": self._samples}
+    state = {"version": STATE_VERSION, "prompts": self.order.state(), "rollouts": self.rollouts,
+             "queue": _encode(self.queue) if self.queue else None,
+             "metrics": self._metrics, "samples": self._samples}
+    if self.ppo is not None:
+      state["ppo"] = self.ppo.state()
+    return state
 
   def restore(self, state: Mapping[str, Any]) -> None:
     if state.get("version") != STATE_VERSION:
@@ -176,6 +186,8 @@ class RolloutSource:
     self.queue = _decode(state["queue"]) if state.get("queue") else []
     self._metrics = dict(state.get("metrics") or {})
     self._samples = list(state.get("samples") or [])
+    if self.ppo is not None:
+      self.ppo.restore(state["ppo"])
 
   # -- one rollout ---------------------------------------------------------------------------
 
@@ -186,9 +198,10 @@ class RolloutSource:
                    top_p=rl.top_p, stop_tokens=tok.eos_ids, seed=key, pad_id=pad_id_of(tok),
                    compute_dtype=self._compute_dtype, prompt_bucket=self.prompt_width,
                    num_samples=self.group)
-    tokens, lengths, sample_logps = jax.device_get((out.tokens, out.lengths,
-                                                    out.sample_logprobs))
-    return np.asarray(tokens), np.asarray(lengths), np.asarray(sample_logps, np.float32)
+    tokens, lengths, sample_logps, entropies = jax.device_get(
+        (out.tokens, out.lengths, out.sample_logprobs, out.entropies))
+    return (np.asarray(tokens), np.asarray(lengths), np.asarray(sample_logps, np.float32),
+            np.asarray(entropies, np.float32))
 
   def _score(self, prompts: list[Prompt], tokens_NxM, lengths_N):
     """Rewards of the completions of `prompts` (G each): the reward functions' `Scores`."""
@@ -220,7 +233,7 @@ class RolloutSource:
     while len(kept) < P and tries < (rl.max_sampling_tries if drop_equal else 1):
       prompts = [self.prompts[i] for i in next(self.order)["index"]]
       s0 = time.perf_counter()
-      tokens, lengths, sample_logps = self._sample(model, prompts, jax.random.fold_in(
+      tokens, lengths, sample_logps, entropies = self._sample(model, prompts, jax.random.fold_in(
           step_key, tries))
       s1 = time.perf_counter()
       scores, texts = self._score(prompts, tokens, lengths)
@@ -231,7 +244,8 @@ class RolloutSource:
       for g, prompt in enumerate(prompts):
         rows = slice(g * G, (g + 1) * G)
         group = dict(prompt=prompt, tokens=tokens[rows], lengths=lengths[rows],
-                     sample_logps=sample_logps[rows], total=scores.total_N[rows],
+                     sample_logps=sample_logps[rows], entropies=entropies[rows],
+                     total=scores.total_N[rows],
                      valid=scores.valid_N[rows],
                      per_fn={k: v[rows] for k, v in scores.per_fn.items()}, texts=texts[rows])
         groups_seen += 1
@@ -255,8 +269,11 @@ class RolloutSource:
     batch, metrics, samples = self._assemble(kept, policy)
     t_logps = time.perf_counter()
     batch = self._with_logps(batch, model, policy)
+    if self.ppo is not None:
+      metrics.update(self.ppo.finish(batch, model, np.concatenate([g["total"] for g in kept]),
+                                     np.concatenate([g["valid"] for g in kept]), samples))
     t_end = time.perf_counter()
-    self._split(batch)
+    self._split(batch, policy.step)
     metrics.update({
         "dynamic_sampling/dropped_fraction":
             equal / max(groups_seen, 1) if rl.dynamic_sampling else 0.0,
@@ -272,7 +289,8 @@ class RolloutSource:
     self._last_ready = time.perf_counter()
     self._queued_tokens = int(batch["segment_ids"].astype(bool).sum()) * rl.num_iterations
     self.rollouts += 1
-    if metrics["frac_reward_zero_std"] == 1.0 and self.rollouts % 50 == 1:
+    no_signal = self.ppo is None and metrics["frac_reward_zero_std"] == 1.0  # PPO: a critic
+    if no_signal and self.rollouts % 50 == 1:
       self.log(f"warning: every group of rollout {self.rollouts} had equal rewards, so this batch "
                "gives no learning signal (trl#3452). Consider rl.dynamic_sampling=true, more "
                "rl.num_generations, a higher rl.temperature or easier prompts.")
@@ -298,7 +316,9 @@ class RolloutSource:
       filled[rows_g][~ok] = total[rows_g][ok].mean() if ok.any() else 0.0
     rows["loss_mask"] *= valid[:, None].astype(np.int32)
     mask = rows["loss_mask"].astype(np.float32)
-    if rl.advantage == "group":
+    if self.ppo is not None:  # PPO's come from the critic (`ppo.finish`)
+      adv = np.zeros_like(mask)
+    elif rl.advantage == "group":
       adv = np.asarray(group_advantages(jnp.asarray(filled), G, scale=rl.scale_rewards,
                                         eps=rl.std_eps))[:, None] * mask
     elif rl.advantage == "rloo":
@@ -315,6 +335,9 @@ class RolloutSource:
         "reward_std": float(group_std.mean()),
         "frac_reward_zero_std": float(np.mean(group_std == 0)),
         "completions/mean_length": float(lengths.mean()),
+        # the sampling distribution's entropy per completion token (what TRL logs)
+        "entropy": float(np.concatenate([g["entropies"] for g in groups]).sum()
+                         / max(int(lengths.sum()), 1)),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(np.mean(self._clipped(tokens, lengths))),
@@ -399,28 +422,34 @@ class RolloutSource:
 
   def _with_logps(self, batch: dict[str, np.ndarray], model, policy) -> dict[str, np.ndarray]:
     """Adds the old policy's log-probs (when the batch is used for more than one update) and
-    the reference's (when beta > 0), from no-grad forwards at the sampling temperature."""
+    the reference's (when beta > 0), both for PPO, from no-grad forwards at the sampling
+    temperature."""
     rl = self.rl
     rows = self.run.place({k: batch[k] for k in _ROW_KEYS})
     updates = rl.num_iterations * rl.mini_batches
-    if updates > 1:
+    if updates > 1 or self.ppo is not None:  # PPO's KL penalty reads them
       batch["old_logps"] = np.asarray(jax.device_get(self._logps(model, rows)), np.float32)
     else:  # every row is fresh: the loss uses its own log-probs, without gradient
       batch["old_logps"] = np.zeros_like(batch["advantages"])
-    if rl.beta > 0:
+    if rl.beta > 0 or self.ppo is not None:
       reference = self.run.reference_model(policy.params, policy.frozen)
       batch["ref_logps"] = np.asarray(jax.device_get(self._logps(reference, rows)), np.float32)
     if rl.tis_cap is None:
       del batch["sampler_logps"]
     return batch
 
-  def _split(self, batch: dict[str, np.ndarray]) -> None:
-    """Queues the rollout's `num_iterations` passes of `mini_batches` mini-batches; the first
-    mini-batch is fresh (the policy has not moved since sampling)."""
+  def _split(self, batch: dict[str, np.ndarray], step: int) -> None:
+    """Queues the rollout's `num_iterations` passes of `mini_batches` mini-batches (the first
+    taken at `step`); the first mini-batch is fresh (the policy has not moved since sampling).
+    PPO's carry `policy_on` (0 during the critic's warm-up)."""
     rl = self.rl
     n = self.run.cfg.train.batch_size
     minis = [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(rl.mini_batches)]
     for it in range(rl.num_iterations):
       for i, mb in enumerate(minis):
         fresh = np.full((n,), float(it == 0 and i == 0), np.float32)
-        self.queue.append(dict(mb, fresh=fresh))
+        mb = dict(mb, fresh=fresh)
+        if self.ppo is not None:
+          on = self.ppo.policy_on(step + it * rl.mini_batches + i)
+          mb["policy_on"] = np.full((n,), on, np.float32)
+        self.queue.append(mb)

@@ -1,0 +1,243 @@
+"""PPO with a critic (`algorithm: ppo`, settings in `rl:`): the RLHF recipe of Ziegler et al.
+2019 ("Fine-Tuning Language Models from Human Preferences", arXiv 1909.08593) and Ouyang et al.
+2022 (InstructGPT), as TRL's `PPOTrainer` and verl's PPO with GAE; full fine-tuning.
+
+    rollout: sample -> score -> old log-probs, reference log-probs, old values (no grad)
+             r_t = -kl_coef * (logp_old_t - logp_ref_t)  (+ the score at the last token)
+             A, R = gae(r, V_old, gamma, lam); A whitened over the rollout batch
+    update:  policy_loss(clipped surrogate, token mean) + vf_coef * value_loss(V, V_old, R)
+
+The critic lives inside the trained tree, beside the policy:
+
+    params = {**policy, "critic": {**trunk, "value": w_D}}     # trunk: the decoder, no lm_head
+    V(prefix up to t) = w . h_critic(tokens[<= t])[t]          # h after the final norm
+
+so the one update step trains both with one optimizer: the loss is a sum of the two terms,
+whose gradients reach only their own part of the tree, and the optimizer state, checkpoints and
+exact resume of the critic come for free. The critic starts as a copy of the policy's trunk
+with a new value head (`rl.critic_from: policy`) or as a reward model (`rl.critic_from: PATH`,
+a `*ForSequenceClassification` folder or an `algorithm: reward` run; its score head becomes the
+value head, as TRL initialises the value model from the reward model). The export is the
+policy alone, a Hugging Face causal LM.
+
+Values are aligned with the targets: the value at position t is that of the state before
+`targets[t]` is generated, the same position as its log-prob. The clipped surrogate is PPO's
+(Schulman et al. 2017, arXiv 1707.06347, eq. 7), the value loss its clipped squared error, the
+advantages GAE (Schulman et al. 2016, arXiv 1506.02438); conventions as verl's
+(`jaxpost.losses.rl`). `rl.value_warmup_steps` trains only the critic at first (the policy
+term multiplied by the batch's `policy_on`, 0 during the warm-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.algorithms.base import Algorithm
+from jaxpost.losses.rl import policy_loss, value_loss
+from jaxpost.losses.tokens import target_logprobs
+from jaxpost.models import ModelConfig, forward, param_specs, save_hf
+from jaxpost.models.hf_reward import SCORE, score_spec
+
+CRITIC = "critic"
+VALUE = "value"
+
+
+def policy_of(params: dict) -> dict:
+  """The policy's params: the tree without its critic."""
+  return {k: v for k, v in params.items() if k != CRITIC}
+
+
+def critic_values(config: ModelConfig, critic: dict, tokens_BxT: jax.Array, *,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  compute_dtype=None, remat: bool = False) -> jax.Array:
+  """V [B, T] float32: the value head on the critic's final hidden state at every position.
+
+  `critic` is the decoder's params without the LM head plus "value" [D]; position t's value is
+  V(tokens[<= t]), the state before the target tokens[t + 1] is generated."""
+  out = forward(config, critic, tokens_BxT, positions=positions, segment_ids=segment_ids,
+                compute_dtype=compute_dtype, remat=remat, compute_logits=False)
+  return jnp.einsum("btd,d->bt", out.final_hidden.astype(jnp.float32),
+                    critic[VALUE].astype(jnp.float32))
+
+
+def ppo_param_specs(config: ModelConfig) -> dict:
+  """The policy's `param_specs` plus the critic's: the trunk's specs and the value head's."""
+  specs = param_specs(config)
+  trunk = {k: v for k, v in specs.items() if k != "lm_head"}
+  return {**specs, CRITIC: {**trunk, VALUE: score_spec(config)}}
+
+
+def with_critic(config: ModelConfig, params: dict, rng: jax.Array, *,
+                reward_model: dict | None = None) -> dict:
+  """`params` plus a critic: a copy of the policy's trunk (every key but "lm_head") with a
+  value head [D] initialised as a reward head (`jaxpost.reward.init_score`, std 0.02), or,
+  given `reward_model` (reward params: the decoder plus "score"), that model with its score
+  head as the value head. The critic's arrays are never the policy's (the step donates the
+  tree, so no buffer may appear in it twice)."""
+  from jaxpost.reward import init_score  # pylint: disable=import-outside-toplevel
+  if reward_model is None:
+    trunk = jax.tree.map(jnp.copy, {k: v for k, v in policy_of(params).items() if k != "lm_head"})
+    critic = {**trunk, VALUE: init_score(config, rng, dtype=params["embed"].dtype)}
+  else:  # freshly loaded: its own arrays
+    critic = {k: v for k, v in reward_model.items() if k not in (SCORE, "lm_head")}
+    critic[VALUE] = reward_model[SCORE]
+  return {**policy_of(params), CRITIC: critic}
+
+
+def ppo_objective(logps_BxT: jax.Array, values_BxT: jax.Array, batch: dict, *,
+                  vf_coef: float = 0.1, value_clip: float | None = 0.2,
+                  tis_cap: float | None = None, **policy_loss_kwargs):
+  """PPO's loss from the current log-probs and values of a mini-batch: `(loss, metrics)`,
+
+      loss = policy_on * policy_loss(logp, old, A, mask; token mean, no KL term)
+             + vf_coef * value_loss(V, V_old, R, mask, clip=value_clip),
+
+  old = stop_gradient(logp) on `fresh` rows (the ratio exactly 1), else `old_logps`. `batch`
+  holds `loss_mask`, `advantages`, `returns`, `old_values`, `old_logps` [N, T], `fresh` [N],
+  optional `policy_on` [N] (0 during the critic's warm-up; one value per batch) and
+  `sampler_logps` [N, T] (with `tis_cap`: truncated importance weights, as `grpo_loss`).
+  Other keywords (`clip_low`, `clip_high`, `dual_clip`, `log_ratio_clamp`) go to
+  `jaxpost.losses.policy_loss`. Metrics as `ppo_loss`, but for the entropy.
+  """
+  mask_BxT = batch["loss_mask"].astype(jnp.float32)
+  fresh_Bx1 = batch["fresh"][:, None] > 0
+  old_BxT = jnp.where(fresh_Bx1, jax.lax.stop_gradient(logps_BxT), batch["old_logps"])
+  weights_BxT = None
+  if tis_cap is not None:
+    weights_BxT = jnp.minimum(jnp.exp(old_BxT - batch["sampler_logps"]), tis_cap) * mask_BxT
+  p_loss, p_metrics = policy_loss(logps_BxT, old_BxT, batch["advantages"], mask_BxT,
+                                  beta=0.0, aggregation="token_mean",
+                                  importance_weights=weights_BxT, **policy_loss_kwargs)
+  v_loss, v_metrics = value_loss(values_BxT, batch["old_values"], batch["returns"], mask_BxT,
+                                 clip=value_clip)
+  on = jnp.max(batch["policy_on"]).astype(jnp.float32) if "policy_on" in batch else 1.0
+  loss = on * p_loss + vf_coef * v_loss
+
+  tokens = jnp.maximum(jnp.sum(mask_BxT), 1.0)
+  mean = lambda x_BxT: jnp.sum(jnp.where(mask_BxT > 0, x_BxT, 0.0)) / tokens  # noqa: E731
+  v_BxT = jax.lax.stop_gradient(values_BxT).astype(jnp.float32)
+  ret_BxT = batch["returns"].astype(jnp.float32)
+  diff_BxT = ret_BxT - v_BxT
+  var_ret = mean(jnp.square(ret_BxT - mean(ret_BxT)))
+  var_diff = mean(jnp.square(diff_BxT - mean(diff_BxT)))
+  metrics = {
+      "weight": p_metrics["weight"],
+      "policy/clipfrac": p_metrics["clip_ratio/region_mean"],
+      "policy/approxkl": p_metrics["approx_kl"],
+      "ratio/mean": p_metrics["ratio/mean"],
+      "loss/policy_avg": jax.lax.stop_gradient(p_loss),
+      "loss/value_avg": jax.lax.stop_gradient(v_loss),
+      "val/clipfrac": v_metrics["vf_clipfrac"],
+      "val/vpred": v_metrics["vpred"],
+      "val/error": mean(jnp.square(diff_BxT)),
+      "val/explained_variance": 1.0 - var_diff / (var_ret + 1e-8),
+  }
+  if weights_BxT is not None:
+    metrics["tis/weight_mean"] = jnp.sum(weights_BxT) / tokens
+  return loss, metrics
+
+
+def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
+             temperature: float = 1.0, vf_coef: float = 0.1, value_clip: float | None = 0.2,
+             compute_dtype=None, remat: bool = False, **policy_loss_kwargs):
+  """PPO's loss of a rollout mini-batch: `(loss, metrics)`; `ppo_objective` of the policy's
+  log-probs and the critic's values.
+
+  params: the policy and its critic (`with_critic`). batch: `tokens`, `targets`, `loss_mask`,
+  `segment_ids`, `positions` [N, T] (prompt + completion rows) and `ppo_objective`'s keys. The
+  log-probs are those of softmax(logits / temperature), the distribution sampled from; the
+  values are `critic_values`, aligned with the targets. Other keywords go to `ppo_objective`.
+
+  Metrics (TRL's / verl's names): `objective/entropy`, `policy/clipfrac`, `policy/approxkl`,
+  `ratio/mean`, `loss/policy_avg`, `loss/value_avg`, `val/clipfrac`, `val/vpred`, `val/error`
+  (mean (V - R)^2), `val/explained_variance` (1 - var(R - V) / var(R) over the masked tokens;
+  averaged over micro-batches by tokens, so approximate under accumulation) and `weight`, the
+  token count: both terms are token means, so accumulation is exact.
+  """
+  del rng
+  policy, critic = policy_of(params), params[CRITIC]
+  rows = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
+              compute_dtype=compute_dtype, remat=remat)
+  out = forward(config, policy, batch["tokens"], compute_logits=False, **rows)
+  logps_BxT, entropy_BxT = target_logprobs(config, policy, out.final_hidden, batch["targets"],
+                                           temperature=temperature, with_entropy=True)
+  values_BxT = critic_values(config, critic, batch["tokens"], **rows)
+  loss, metrics = ppo_objective(logps_BxT, values_BxT, batch, vf_coef=vf_coef,
+                                value_clip=value_clip, **policy_loss_kwargs)
+  mask_BxT = batch["loss_mask"].astype(jnp.float32)
+  metrics["objective/entropy"] = jnp.sum(entropy_BxT * mask_BxT) / jnp.maximum(
+      jnp.sum(mask_BxT), 1.0)
+  return loss, metrics
+
+
+def _same_architecture(a: ModelConfig, b: ModelConfig) -> list[str]:
+  """The fields in which two configs' forward passes differ (token ids and names aside)."""
+  skip = {"model_type", "bos_token_id", "eos_token_id", "pad_token_id", "hf_source",
+          "max_position_embeddings"}
+  return [f.name for f in dataclasses.fields(a)
+          if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def load_critic(run, path: str, dtype) -> dict:
+  """The reward model at `path` (a folder or an `algorithm: reward` run) as reward params for
+  `with_critic`, on the run's mesh. Raises ConfigError (naming `rl.critic_from`) for a missing
+  or unusable folder, or a model whose architecture is not the policy's."""
+  # pylint: disable=import-outside-toplevel
+  from jaxpost.config import ConfigError
+  from jaxpost.models import CheckpointError
+  from jaxpost.reward import load_reward_model_hf
+  from jaxpost.rl.builtin_rewards import reward_model_folder
+  try:
+    folder = reward_model_folder(path)
+    config, params = load_reward_model_hf(folder, dtype=dtype, mesh=run.mesh)
+  except (FileNotFoundError, ValueError, CheckpointError) as e:
+    raise ConfigError(f"rl.critic_from: {e}") from e
+  differ = _same_architecture(config, run.config)
+  if differ:
+    raise ConfigError(
+        f"rl.critic_from: the reward model in {folder} is not the policy's architecture "
+        f"(differs in {', '.join(differ)}); the critic runs with the policy's config, so start "
+        "it from a reward model trained on this model (or rl.critic_from=policy)")
+  return params
+
+
+def make(run) -> Algorithm:
+  """PPO for a built run (`jaxpost.train.build`); settings from `rl:`."""
+  from jaxpost.rl.ppo_rollout import PPOTargets  # pylint: disable=import-outside-toplevel
+  from jaxpost.rl.prompts import read_prompts  # pylint: disable=import-outside-toplevel
+  from jaxpost.rl.rewards import load_reward_funcs  # pylint: disable=import-outside-toplevel
+  from jaxpost.rl.rollout import RolloutSource  # pylint: disable=import-outside-toplevel
+  from jaxpost.train.build import log  # pylint: disable=import-outside-toplevel
+
+  rl, d = run.cfg.rl, run.cfg.data
+  loss = functools.partial(
+      ppo_loss, config=run.config, temperature=rl.temperature, vf_coef=rl.vf_coef,
+      value_clip=rl.value_clip, tis_cap=rl.tis_cap, clip_low=rl.clip_low,
+      clip_high=rl.clip_high, dual_clip=rl.dual_clip, **run.model_kwargs)
+
+  def init(params, rng):
+    reward_model = None
+    if rl.critic_from != "policy":
+      reward_model = load_critic(run, rl.critic_from, params["embed"].dtype)
+      log(f"critic from the reward model {rl.critic_from}")
+    return with_critic(run.config, params, rng, reward_model=reward_model)
+
+  def batches(split, policy):
+    del policy
+    if split != "train":
+      return None  # judged by generation (the task's exact match)
+    prompts = read_prompts(run.data.path("sft", "train"), run.tokenizer,
+                           max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row)
+    return RolloutSource(run, prompts, load_reward_funcs(rl, tokenizer=run.tokenizer), log=log,
+                         ppo=PPOTargets(run))
+
+  def export(model_params, folder):
+    save_hf(run.config, policy_of(model_params), folder)
+
+  return Algorithm(name="ppo", loss=lambda params, batch, rng, frozen: loss(params, batch, rng),
+                   batches=batches, headline="reward", needs_reference=True, init=init,
+                   param_specs=ppo_param_specs, export=export)
