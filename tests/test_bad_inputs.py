@@ -205,8 +205,8 @@ CONFIG_CASES = [
      r"both 'preference.beta' and 'dpo.beta'.*keep only 'dpo.beta'"),
     ("old unknown key", lambda w: ["train", w["recipe"], "preference.betta=1"],
      r"unknown key 'preference.betta'"),
-    ("unknown algorithm", lambda w: ["train", w["recipe"], "algorithm=grpo"],
-     r"invalid value 'grpo' for 'algorithm'"),
+    ("unknown algorithm", lambda w: ["train", w["recipe"], "algorithm=a2c"],
+     r"invalid value 'a2c' for 'algorithm'"),
     ("max length", lambda w: ["train", w["recipe"], "data.max_length=0"], r"data.max_length must be >= 1"),
 ]
 
