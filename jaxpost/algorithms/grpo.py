@@ -62,11 +62,7 @@ def grpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
                            policy_loss_kwargs)
   logps = target_logprobs(config, params, out.final_hidden, batch["targets"],
                           temperature=temperature)
-  fresh = batch["fresh"][:, None] > 0
-  old = jnp.where(fresh, jax.lax.stop_gradient(logps), batch["old_logps"])
-  weights = None
-  if tis_cap is not None:
-    weights = jnp.minimum(jnp.exp(old - batch["sampler_logps"]), tis_cap) * mask
+  old, weights = old_logps_and_weights(logps, batch, mask, tis_cap)
   loss, metrics = policy_loss(logps, old, batch["advantages"], mask,
                               ref_logps=batch.get("ref_logps"), importance_weights=weights,
                               **policy_loss_kwargs)
@@ -74,6 +70,17 @@ def grpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
     metrics = dict(metrics, **{"tis/weight_mean": jnp.sum(weights) / jnp.maximum(jnp.sum(mask),
                                                                                   1.0)})
   return loss, metrics
+
+
+def old_logps_and_weights(logps_BxT, batch, mask_BxT, tis_cap):
+  """The old policy's log-probs (the current ones without gradient on `fresh` rows, so the
+  ratio is exactly 1; else the batch's `old_logps`) and the truncated importance weights
+  min(exp(old - sampler), tis_cap) (None without `tis_cap`)."""
+  fresh_Bx1 = batch["fresh"][:, None] > 0
+  old_BxT = jnp.where(fresh_Bx1, jax.lax.stop_gradient(logps_BxT), batch["old_logps"])
+  if tis_cap is None:
+    return old_BxT, None
+  return old_BxT, jnp.minimum(jnp.exp(old_BxT - batch["sampler_logps"]), tis_cap) * mask_BxT
 
 
 def _on_policy_loss(config, params, hidden_BxTxD, batch, mask_BxT, temperature, kwargs):

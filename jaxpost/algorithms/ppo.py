@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.algorithms.base import Algorithm
+from jaxpost.algorithms.grpo import old_logps_and_weights
 from jaxpost.losses.rl import policy_loss, value_loss
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import ModelConfig, forward, param_specs, save_hf
@@ -104,11 +105,7 @@ def ppo_objective(logps_BxT: jax.Array, values_BxT: jax.Array, batch: dict, *,
   `jaxpost.losses.policy_loss`. Metrics as `ppo_loss`, but for the entropy.
   """
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
-  fresh_Bx1 = batch["fresh"][:, None] > 0
-  old_BxT = jnp.where(fresh_Bx1, jax.lax.stop_gradient(logps_BxT), batch["old_logps"])
-  weights_BxT = None
-  if tis_cap is not None:
-    weights_BxT = jnp.minimum(jnp.exp(old_BxT - batch["sampler_logps"]), tis_cap) * mask_BxT
+  old_BxT, weights_BxT = old_logps_and_weights(logps_BxT, batch, mask_BxT, tis_cap)
   p_loss, p_metrics = policy_loss(logps_BxT, old_BxT, batch["advantages"], mask_BxT,
                                   beta=0.0, aggregation="token_mean",
                                   importance_weights=weights_BxT, **policy_loss_kwargs)
