@@ -32,7 +32,11 @@ Workloads (to add one: a `Workload` in `WORKLOADS` and a branch in each worker t
 * `generate`: greedy generation, batch 16, 128-token prompts, 128 new tokens;
 * `grpo`: one GRPO step, rollout (2 prompts x 8 samples at temperature 1, 128 prompt tokens,
   128 new tokens, a reward on the host, group advantages) then one update (beta 0, AdamW) on
-  the 16 prompt + completion rows; reported as a whole and split into rollout and update.
+  the 16 prompt + completion rows; reported as a whole and split into rollout and update;
+* `ppo`: one PPO step with a critic, rollout (16 prompts x 1 sample, the same lengths and
+  reward as `grpo`, then the old policy's, the reference's and the critic's no-grad forwards,
+  a k1 KL penalty in the per-token rewards, GAE, whitened advantages) then one update of the
+  policy (clipped surrogate) and the critic (clipped value loss); split as `grpo`.
 """
 
 from __future__ import annotations
@@ -166,6 +170,48 @@ def grpo_row_tokens(spec: dict) -> int:
   return g["prompts"] * g["group"] * (g["prompt_len"] + g["new_tokens"])
 
 
+def ppo_row_tokens(spec: dict) -> int:
+  """Tokens of the rows one PPO step samples and trains: the prompts' prompt + completion rows."""
+  p = spec["ppo"]
+  return p["prompts"] * (p["prompt_len"] + p["new_tokens"])
+
+
+def ppo_generated_tokens(spec: dict) -> int:
+  p = spec["ppo"]
+  return p["prompts"] * p["new_tokens"]
+
+
+def _ppo_row_forwards(config, spec: dict) -> tuple[float, float]:
+  """(policy, critic) forward FLOPs over the PPO step's rows. The critic is the policy's trunk
+  with a value head [D] -> 1 in place of the LM head, so it lacks the LM head's 2 D V per token."""
+  p = spec["ppo"]
+  seq = p["prompt_len"] + p["new_tokens"]
+  tokens = p["prompts"] * seq
+  policy = forward_flops_per_token(config, seq) * tokens
+  critic = forward_flops_per_token(config, seq, lm_head=False) + 2.0 * config.hidden_size
+  return policy, critic * tokens
+
+
+def ppo_rollout_flops(config, spec: dict) -> float:
+  """Sampling one completion of each prompt (`generate_flops`), then three no-grad forwards over
+  the rows: the old policy's and the reference's log-probs and the critic's values."""
+  p = spec["ppo"]
+  policy, critic = _ppo_row_forwards(config, spec)
+  return (generate_flops(config, p["prompts"], p["prompt_len"], p["new_tokens"])
+          + 2.0 * policy + critic)
+
+
+def ppo_update_flops(config, spec: dict) -> float:
+  """The update: 3 x forward (forward + backward) of the policy and of the critic over the rows."""
+  policy, critic = _ppo_row_forwards(config, spec)
+  return 3.0 * (policy + critic)
+
+
+def ppo_flops(config, spec: dict) -> float:
+  """One PPO step: the rollout's forward FLOPs plus the update's."""
+  return ppo_rollout_flops(config, spec) + ppo_update_flops(config, spec)
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """A part of a workload's step timed on its own (the worker reports `<key>_median_s`)."""
@@ -211,6 +257,12 @@ WORKLOADS = {
                                "generated tokens"),
                          Phase("update", "update", grpo_row_tokens, grpo_update_flops,
                                "trained tokens"))),
+        Workload("ppo", "PPO step with critic (rollout + update)", ("jaxpost", "tunix"),
+                 ppo_row_tokens, ppo_flops, "row tokens",
+                 phases=(Phase("rollout", "rollout", ppo_generated_tokens, ppo_rollout_flops,
+                               "generated tokens"),
+                         Phase("update", "update", ppo_row_tokens, ppo_update_flops,
+                               "trained tokens"))),
     )
 }
 
@@ -249,6 +301,9 @@ class Settings:
   grpo_group: int = 8
   grpo_prompt_len: int = 128
   grpo_new_tokens: int = 128
+  ppo_prompts: int = 16
+  ppo_prompt_len: int = 128
+  ppo_new_tokens: int = 128
 
 
 def make_spec(s: Settings, workload: str) -> dict:
@@ -265,6 +320,9 @@ def make_spec(s: Settings, workload: str) -> dict:
       "grpo": {"prompts": s.grpo_prompts, "group": s.grpo_group,
                "prompt_len": s.grpo_prompt_len, "new_tokens": s.grpo_new_tokens,
                "temperature": 1.0},
+      "ppo": {"prompts": s.ppo_prompts, "prompt_len": s.ppo_prompt_len,
+              "new_tokens": s.ppo_new_tokens, "temperature": 1.0, "kl_coef": 0.05,
+              "gamma": 1.0, "lam": 0.95, "clip": 0.2, "value_clip": 0.2, "vf_coef": 0.1},
       "lora": LORA,
       "optim": OPTIM,
       "matmul": {"sizes": list(s.matmul_sizes), "reps": s.matmul_reps},
@@ -594,6 +652,15 @@ eps 1e-8, weight decay 0.01 on every trained parameter, constant learning rate, 
   completion tokens, one AdamW step; one update per rollout, so the old policy is the current
   one (ratio 1, no extra forward for old log-probs on either side). Tokens per step: the
   16 x 256 row tokens (whole step and update), the 16 x 128 generated tokens (rollout).
+* **PPO step**: one RL step with a critic: a rollout, then one update. Rollout: 16 prompts of
+  128 random tokens, 1 sample each at temperature 1 (no top-k / top-p, no end token), the
+  same reward as GRPO at the last completion token, then three no-grad forwards over the
+  16 x 256 rows: the policy's log-probs (old), the reference model's (a frozen copy of the
+  initial policy) and the critic's values; per-token rewards r_t = -0.05 (logp_old -
+  logp_ref) (k1 KL penalty) plus the score at the last token; GAE (gamma 1, lambda 0.95),
+  advantages whitened over the batch. Update: one mini-batch, one epoch: the clipped
+  surrogate (clip 0.2, token mean) for the policy and the clipped value loss (clip 0.2) for
+  the critic (the policy's trunk with a scalar value head), AdamW. Tokens per step as GRPO.
 
 ## What is timed
 
@@ -635,6 +702,19 @@ the median over rounds. Every timed step ends when its results are computed
   Tunix repeats each prompt 8 times before generating, so it prefills 16 rows where jaxpost
   prefills 2 (the model FLOPs count the 2 prefills the algorithm needs), and it samples every
   rollout with the same key (`RolloutConfig.seed` None: `PRNGKey(0)`), which changes no work.
+* **PPO** (both sides), timed and split as GRPO; the rollout includes the three no-grad
+  forwards and GAE. jaxpost: `generate(..., num_samples=1)`, `completion_rows`, the old and
+  reference log-probs with `jaxpost.rl.rollout._logps_fn`, the values with
+  `jaxpost.algorithms.ppo.critic_values`, `jaxpost.rl.ppo_rollout.token_rewards`,
+  `jaxpost.losses.rl.gae` and `masked_whiten`, then one `make_train_step` call over
+  `jaxpost.algorithms.ppo.ppo_loss` (vf_coef 0.1; policy and critic in one tree, one AdamW
+  step, from `ppo.with_critic`). Tunix: its own loop, `PPOLearner.train()`
+  (`PPOConfig(beta=0.05, kl_method="kl", gamma=1, gae_lambda=0.95, epsilon=0.2,
+  clip_range_value=0.2)`) on an `RLCluster` with actor, reference (a second `Llama3` with the
+  same weights) and critic (`tunix.rl.utils.create_critic_model`: an `nnx.Linear(D, 1)` head
+  on a copy of the trunk); the update is `RLCluster.update_actor` plus
+  `RLCluster.update_critic` (two trainers, each with its own AdamW; Tunix has no vf_coef),
+  timed as one part.
 * **PyTorch** (Hugging Face `LlamaForCausalLM`, float32, `torch.set_num_threads(cpu_count)`,
   eager, `sdpa` attention): `zero_grad`, `model(input_ids, labels=input_ids)`, `backward`,
   `AdamW.step`.
@@ -647,7 +727,7 @@ the median over rounds. Every timed step ends when its results are computed
   the tokens of both sides, chosen and rejected rows; generation: new tokens; GRPO: the
   16 x 256 prompt + completion row tokens per RL step, and in its sub-rows the generated
   tokens per second of rollout and the trained row tokens per second of update, each part's
-  time the median over rounds of its per-round median).
+  time the median over rounds of its per-round median; PPO likewise).
 * **jaxpost / X**: jaxpost's tokens/s divided by X's (above 1: jaxpost is faster).
 * **MFU**: model FLOPs per step / median step time / the f32 matmul ceiling measured in this
   run (`bench_model.bench_matmul`, best of start and end). Model FLOPs are what the workload
@@ -657,10 +737,13 @@ the median over rounds. Every timed step ends when its results are computed
   the frozen base). DPO: 4 x forward per token of the 16 rows (policy forward and backward,
   reference forward). Generation: `bench_model.generate_flops`. GRPO: rollout = the forward
   FLOPs of sampling (`generate_flops` with the prefill counted once per prompt and the
-  one-token steps once per sample), update = 3 x forward of the 16 x 256 rows; the step's MFU
-  is their sum over the step's time, each part's over its own time. The FLOP table also gives the
-  matmul FLOPs of jaxpost's traced step (`bench_model.jaxpr_matmul_flops`; for GRPO, of the
-  update step only): above the model count where jaxpost recomputes (the LM head chunks under
+  one-token steps once per sample), update = 3 x forward of the 16 x 256 rows. PPO: rollout =
+  `generate_flops` (16 x 1 samples) plus two policy forwards (old, reference) and one critic
+  forward over the rows (the critic has a D -> 1 value head instead of the LM head), update =
+  3 x (policy + critic forward). For GRPO and PPO the step's MFU is their sum over the
+  step's time, each part's over its own time. The FLOP table also gives the matmul FLOPs of
+  jaxpost's traced step (`bench_model.jaxpr_matmul_flops`; for GRPO and PPO, of the update
+  step only): above the model count where jaxpost recomputes (the LM head chunks under
   `jax.checkpoint`) or does more than the algorithm needs.
 * **CPU s / step**: the CPU time of the worker process (all threads) per timed step, median.
   On a quiet machine it is about cores x wall time for work that keeps every core busy; on a

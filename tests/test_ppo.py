@@ -589,3 +589,13 @@ def test_resume_after_sigkill_mid_rollout_gives_the_same_policy_critic_and_kl(tm
   for x, y in zip(jax.tree.leaves(pa[CRITIC]), jax.tree.leaves(pb[CRITIC])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert da["ppo"]["kl_coef"] == db["ppo"]["kl_coef"] != 0.05  # it moved, and identically
+
+
+def test_the_reference_copies_the_policy_not_the_critic(tmp_path):
+  """The start-model reference (KL penalty) is a copy of the policy alone: no second critic
+  in memory."""
+  from jaxpost.train.build import build
+  run = build(load_config(_recipe(tmp_path, "ref"), []))
+  state, frozen = run.init_state()
+  assert "critic" in state.params and "critic" not in frozen.reference
+  assert sorted(frozen.reference) == sorted(k for k in state.params if k != "critic")

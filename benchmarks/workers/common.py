@@ -11,13 +11,15 @@ and prints exactly one line starting with `RESULT_PREFIX` followed by the result
 
 The spec (built by `benchmarks/run.py`):
 
-    {"workload": "sft" | "lora" | "dpo" | "generate" | "grpo" | "matmul",
+    {"workload": "sft" | "lora" | "dpo" | "generate" | "grpo" | "ppo" | "matmul",
      "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "intermediate_size", "tie_embeddings", "rope_theta", "norm_eps"},
      "train": {"batch", "seq_len"},                     # sft, lora
      "dpo": {"pairs", "prompt_len", "response_len", "beta"},
      "generate": {"batch", "prompt_len", "new_tokens"},
      "grpo": {"prompts", "group", "prompt_len", "new_tokens", "temperature"},
+     "ppo": {"prompts", "prompt_len", "new_tokens", "temperature", "kl_coef", "gamma", "lam",
+             "clip", "value_clip", "vf_coef"},
      "lora": {"rank", "alpha", "targets"},
      "optim": {"lr", "b1", "b2", "eps", "weight_decay"},
      "matmul": {"sizes", "reps"},
@@ -115,6 +117,14 @@ def grpo_prompts(spec: dict) -> np.ndarray:
   g = spec["grpo"]
   rng = np.random.default_rng(spec["seed"] + 3)
   return rng.integers(1, spec["model"]["vocab_size"], (g["prompts"], g["prompt_len"]),
+                      dtype=np.int64).astype(np.int32)
+
+
+def ppo_prompts(spec: dict) -> np.ndarray:
+  """[prompts, prompt_len] int32 prompt ids of the PPO workload (one sample each)."""
+  p = spec["ppo"]
+  rng = np.random.default_rng(spec["seed"] + 5)
+  return rng.integers(1, spec["model"]["vocab_size"], (p["prompts"], p["prompt_len"]),
                       dtype=np.int64).astype(np.int32)
 
 

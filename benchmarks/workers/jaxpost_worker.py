@@ -246,6 +246,96 @@ def bench_grpo(spec: dict) -> dict:
               generated_lengths=sorted(set(lengths[-1])))
 
 
+def bench_ppo(spec: dict) -> dict:
+  """One PPO step per call: rollout (sampling, rewards, the old policy's, the reference's and
+  the critic's no-grad forwards, KL-penalised token rewards, GAE), then the update."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bench_model import jaxpr_matmul_flops
+
+  from jaxpost.algorithms import ppo
+  from jaxpost.losses.rl import gae, masked_whiten
+  from jaxpost.models import init_params
+  from jaxpost.rl.ppo_rollout import token_rewards
+  from jaxpost.rl.rollout import _logps_fn, completion_rows
+  from jaxpost.sampling import generate
+  from jaxpost.train import init_state, make_train_step
+
+  p = spec["ppo"]
+  P, N = p["prompt_len"], p["new_tokens"]
+  config = jaxpost_config(spec["model"])
+  policy = init_params(config, jax.random.key(spec["seed"]), dtype=jnp.float32)
+  ref_params = jax.tree.map(jnp.copy, policy)  # the reference: the initial policy
+  params = ppo.with_critic(config, policy, jax.random.key(spec["seed"] + 1))
+  opt = make_optimizer(spec)
+  loss = functools.partial(ppo.ppo_loss, config=config, temperature=p["temperature"],
+                           vf_coef=p["vf_coef"], value_clip=p["value_clip"],
+                           clip_low=p["clip"], clip_high=p["clip"])
+  step = make_train_step(lambda params, batch, rng: loss(params, batch, rng), opt)
+  logps = _logps_fn(config, p["temperature"], None)
+  values_fn = jax.jit(lambda critic, rows: ppo.critic_values(
+      config, critic, rows["tokens"], positions=rows["positions"],
+      segment_ids=rows["segment_ids"]))
+  holder = [init_state(params, opt, jax.random.key(0))]
+  ids = common.ppo_prompts(spec)
+  prompt_ids = ids.tolist()
+  key = jax.random.key(spec["seed"] + 4)
+  phases = {"sampling": [], "rollout": [], "update": []}
+  losses, rewards_mean, kl_mean, lengths = [], [], [], []
+  last_batch = [None]
+
+  def one():
+    t0 = time.perf_counter()
+    model = holder[0].params
+    out = generate(config, ppo.policy_of(model), prompt_ids, max_new_tokens=N,
+                   temperature=p["temperature"], num_samples=1,
+                   seed=jax.random.fold_in(key, len(losses)), prompt_bucket=P)
+    tokens, lens = (np.asarray(x) for x in jax.device_get((out.tokens, out.lengths)))
+    t1 = time.perf_counter()
+    scores = np.asarray([common.grpo_reward(tokens[n, :lens[n]]) for n in range(len(tokens))],
+                        np.float32)
+    rows = completion_rows(prompt_ids, tokens, lens, group_size=1, width=P + N)
+    mask = rows["loss_mask"].astype(np.float32)
+    on_device = jax.device_put({k: rows[k] for k in ("tokens", "targets", "segment_ids",
+                                                     "positions")})
+    old, ref, values = jax.device_get((logps(ppo.policy_of(model), on_device),
+                                       logps(ref_params, on_device),
+                                       values_fn(model[ppo.CRITIC], on_device)))
+    old = np.asarray(old, np.float32) * mask
+    values = np.asarray(values, np.float32) * mask
+    rewards, k1 = token_rewards(scores, old, ref, mask, p["kl_coef"])
+    adv, returns = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
+                       gamma=p["gamma"], lam=p["lam"])
+    adv = masked_whiten(adv, jnp.asarray(mask))
+    batch = jax.device_put(dict(rows, advantages=adv, returns=returns, old_values=values,
+                                old_logps=old, fresh=np.zeros((len(tokens),), np.float32)))
+    jax.block_until_ready(batch)
+    t2 = time.perf_counter()
+    holder[0], metrics = step(holder[0], batch, {})
+    jax.block_until_ready((holder[0], metrics))
+    t3 = time.perf_counter()
+    last_batch[0] = batch
+    phases["sampling"].append(t1 - t0)
+    phases["rollout"].append(t2 - t0)
+    phases["update"].append(t3 - t2)
+    losses.append(float(metrics["loss"]))
+    rewards_mean.append(float(scores.mean()))
+    kl_mean.append(float(k1.sum(axis=1).mean()))
+    lengths.append(lens.tolist())
+    return metrics
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  if any(n != N for n in lengths[-1]):
+    raise RuntimeError(f"jaxpost generated {lengths[-1]} tokens per row, expected {N} each")
+  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], last_batch[0], {})
+  return dict(timing, **common.phase_medians(phases, spec["steps"]), phases=phases,
+              update_executed_matmul_flops=executed,
+              data_digest=common.digest(ids), losses=losses, rewards_mean=rewards_mean,
+              kl_mean=kl_mean, trainable_params=sum(x.size for x in jax.tree.leaves(params)),
+              generated_lengths=sorted(set(lengths[-1])))
+
+
 def bench_ceiling(spec: dict) -> dict:
   """The f32 matmul ceiling (`bench_model.bench_matmul`)."""
   from bench_model import bench_matmul
@@ -270,6 +360,8 @@ def main() -> None:
     result = bench_generate(spec)
   elif w == "grpo":
     result = bench_grpo(spec)
+  elif w == "ppo":
+    result = bench_ppo(spec)
   elif w == "matmul":
     result = bench_ceiling(spec)
   else:

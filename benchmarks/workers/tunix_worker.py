@@ -337,6 +337,145 @@ def bench_grpo(spec: dict, mesh) -> dict:
               generated_lengths=sorted(set(lengths[-1])))
 
 
+def make_critic(spec: dict, mesh, actor):
+  """Tunix's critic for `actor`: `tunix.rl.utils.create_critic_model`, which copies a model and
+  replaces its `lm_head` by a `nnx.Linear(D, 1)` value head (the critic then outputs [B, T, 1]).
+
+  With tied embeddings Tunix's `Llama3` has no `lm_head` (its logits are `embedder.decode`), and
+  `create_critic_model` would leave the critic decoding through the embedding. So the critic is
+  built from an untied `Llama3` (`weight_tying=False`) whose trunk (embedding, layers, final
+  norm) is set to the actor's: the same trunk, a value head on its final hidden states.
+
+  Tunix 0.1.7's `rl.common.compute_score` (the critic's forward, in the rollout's values and
+  in the value loss) always passes `segment_ids=` (the non-pad mask) besides the causal
+  `attention_mask`, which its `Llama3.__call__` does not accept (a `TypeError`), whereas its
+  log-prob function checks the model's signature first. The critic is therefore a `Llama3`
+  subclass whose `__call__` takes `segment_ids` and drops it: the attention mask passed
+  alongside already masks the padding, so the forward and its work are unchanged.
+  """
+  import dataclasses
+
+  import jax.numpy as jnp
+  from flax import nnx
+  from tunix.models import dummy_model_creator
+  from tunix.models.llama3 import model as llama3
+  from tunix.rl import utils as rl_utils
+
+  class CriticLlama3(llama3.Llama3):
+
+    def __call__(self, input_tokens, positions, cache, attention_mask, segment_ids=None):
+      del segment_ids
+      return super().__call__(input_tokens, positions, cache, attention_mask)
+
+  untied = dummy_model_creator.create_dummy_model(
+      CriticLlama3, dataclasses.replace(tunix_config(spec), weight_tying=False), mesh=mesh,
+      dtype=jnp.float32, random_seed=spec["seed"], scale=0.02)
+  nnx.update(untied, nnx.state(actor, nnx.Param))
+  return rl_utils.create_critic_model(untied, seed=spec["seed"] + 1)
+
+
+def bench_ppo(spec: dict, mesh) -> dict:
+  """PPO steps through `PPOLearner.train()`, each RL step and its phases timed."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tunix.rl import rl_cluster as rl_cluster_lib
+  from tunix.rl.ppo import ppo_learner
+  from tunix.rl.rollout import base_rollout
+
+  p = spec["ppo"]
+  P, N = p["prompt_len"], p["new_tokens"]
+  total = spec["warmup"] + spec["steps"]
+  actor = make_model(spec, mesh)
+  reference = make_model(spec, mesh)  # the same seed: the initial policy's weights
+  critic = make_critic(spec, mesh, actor)
+  role = rl_cluster_lib.Role
+  cluster_config = rl_cluster_lib.ClusterConfig(
+      role_to_mesh={role.ACTOR: mesh, role.REFERENCE: mesh, role.ROLLOUT: mesh,
+                    role.CRITIC: mesh},
+      rollout_engine="vanilla", offload_to_cpu=False,
+      training_config=rl_cluster_lib.RLTrainingConfig(
+          actor_optimizer=make_optimizer(spec), critic_optimizer=make_optimizer(spec),
+          eval_every_n_steps=10**9, max_steps=total, pbar_description=None),
+      rollout_config=base_rollout.RolloutConfig(
+          max_tokens_to_generate=N, max_prompt_length=P, kv_cache_size=P + N,
+          temperature=p["temperature"], top_p=1.0, top_k=None, eos_tokens=[-1]))
+  cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=reference,
+                                     tokenizer=IdTokenizer(), cluster_config=cluster_config)
+  algo_config = ppo_learner.PPOConfig(
+      num_iterations=1, gamma=p["gamma"], gae_lambda=p["lam"], beta=p["kl_coef"],
+      kl_method="kl", epsilon=p["clip"], clip_range_value=p["value_clip"])
+  rewards_mean, lengths = [], []
+
+  def reward(prompts, completions, **kwargs):
+    del prompts, kwargs
+    ids = [[int(t) for t in text.split()] for text in completions]
+    lengths.append([len(x) for x in ids])
+    out = [common.grpo_reward(x) for x in ids]
+    rewards_mean.append(float(np.mean(out)))
+    return out
+
+  learner = ppo_learner.PPOLearner(rl_cluster=cluster, ppo_config=algo_config,
+                                   reward_fns=reward)
+  phases = {"sampling": [], "rollout": [], "update_actor": [], "update_critic": []}
+  times, cpu = [], []
+
+  def timed(fn, name, ready):
+    def wrapper(*args, **kwargs):
+      start = time.perf_counter()
+      out = fn(*args, **kwargs)
+      ready(out)
+      phases[name].append(time.perf_counter() - start)
+      return out
+    return wrapper
+
+  cluster.generate = timed(cluster.generate, "sampling",
+                           lambda out: jax.block_until_ready(out.tokens))
+  # pylint: disable=protected-access
+  learner._generate_and_compute_advantage = timed(learner._generate_and_compute_advantage,
+                                                  "rollout", jax.block_until_ready)
+  cluster.update_actor = timed(
+      cluster.update_actor, "update_actor",
+      lambda _: jax.block_until_ready(nnx.state(cluster.actor_trainer.model, nnx.Param)))
+  cluster.update_critic = timed(
+      cluster.update_critic, "update_critic",
+      lambda _: jax.block_until_ready(nnx.state(cluster.critic_trainer.model, nnx.Param)))
+  run_global_step = learner._run_global_step
+
+  def global_step(*args, **kwargs):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = run_global_step(*args, **kwargs)
+    times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+    common.log(f"  step {len(times)}/{total}: {times[-1]:.3f} s (rollout "
+               f"{phases['rollout'][-1]:.3f} s, update actor {phases['update_actor'][-1]:.3f}"
+               f" s + critic {phases['update_critic'][-1]:.3f} s)")
+    return out
+
+  learner._run_global_step = global_step
+  # pylint: enable=protected-access
+  ids = common.ppo_prompts(spec)
+  texts = [" ".join(str(int(t)) for t in row) for row in ids]
+  learner.train([{"prompts": np.asarray(texts)} for _ in range(total)])
+  if len(times) != total:
+    raise RuntimeError(f"Tunix's PPO loop ran {len(times)} RL steps, expected {total}")
+  if any(n != N for n in lengths[-1]):
+    raise RuntimeError(f"Tunix generated {lengths[-1]} tokens per row, expected {N} each")
+  phases["update"] = [a + c for a, c in zip(phases["update_actor"], phases["update_critic"])]
+  losses = {}
+  for name, trainer in (("actor", cluster.actor_trainer), ("critic", cluster.critic_trainer)):
+    logger = trainer.metrics_logger
+    losses[name] = ([float(x) for x in logger.get_metric_history(name, "loss", "train")]
+                    if logger.metric_exists(name, "loss", "train") else [])
+  return dict(common.step_timing(times, cpu, spec["warmup"]),
+              **common.phase_medians(phases, spec["steps"]), phases=phases,
+              data_digest=common.digest(ids), losses=losses["actor"],
+              critic_losses=losses["critic"], rewards_mean=rewards_mean,
+              trainable_params=(count_params(cluster.actor_trainer.model, nnx.Param)
+                                + count_params(cluster.critic_trainer.model, nnx.Param)),
+              generated_lengths=sorted(set(lengths[-1])))
+
+
 def main() -> None:
   """Runs the spec's workload and prints the result line."""
   spec = common.read_spec()
@@ -360,6 +499,8 @@ def main() -> None:
       result = bench_generate(spec, mesh)
     elif w == "grpo":
       result = bench_grpo(spec, mesh)
+    elif w == "ppo":
+      result = bench_ppo(spec, mesh)
     else:
       raise SystemExit(f"tunix worker: no workload {w!r}")
   result.update(framework="tunix", workload=spec["workload"],

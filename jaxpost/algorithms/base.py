@@ -129,6 +129,8 @@ class Algorithm:
     needs_reference: the loss wants `frozen.reference` (a frozen copy of the start model).
     moving_reference: `after_step` changes the reference (under PEFT it then needs its own
       copy of the adapters instead of "adapters off").
+    reference_of: `reference_of(params)` -> the part of the trained tree the reference copies
+      (full fine-tuning; e.g. the policy without PPO's critic); None: all of it.
     init: `init(params, rng) -> params` before training starts (e.g. a reward head).
     param_specs: `param_specs(model_config)` -> the parameter specs (sharding) when `init`
       changes the tree; None: the language model's.
@@ -145,6 +147,7 @@ class Algorithm:
   headline: str = "loss"
   needs_reference: bool = False
   moving_reference: bool = False
+  reference_of: Callable[[Any], Any] | None = None
   init: Callable[[Any, jax.Array], Any] = _unchanged
   param_specs: Callable[[Any], Any] | None = None
   after_step: Callable[[int, Any, Frozen], Frozen] | None = None

@@ -236,5 +236,6 @@ def make(run) -> Algorithm:
     save_hf(run.config, policy_of(model_params), folder)
 
   return Algorithm(name="ppo", loss=lambda params, batch, rng, frozen: loss(params, batch, rng),
-                   batches=batches, headline="reward", needs_reference=True, init=init,
+                   batches=batches, headline="reward", needs_reference=True,
+                   reference_of=policy_of, init=init,
                    param_specs=ppo_param_specs, export=export)

@@ -208,7 +208,7 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
   run.trainable = make_trainable(cfg, config, p_shard, mesh, tokenizer=run.tokenizer, log=log)
   run.tree, run.frozen = run.trainable.init(
       params, run.rng, reference=training and algorithm.needs_reference,
-      moving_reference=algorithm.moving_reference)
+      moving_reference=algorithm.moving_reference, reference_of=algorithm.reference_of)
   run.frozen_shardings = run.trainable.frozen_shardings(run.frozen)
   run.optimizer, run.schedule = make_optimizer(cfg.optim, cfg.train.steps)
   run.state_shardings = state_shardings(run.trainable.shardings, run.tree, run.optimizer, mesh)

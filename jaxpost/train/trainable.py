@@ -65,13 +65,20 @@ class Full:
   kind: str = "full"
   describe: str = ""
 
-  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False,
+           reference_of=None):
     del rng, moving_reference
     self.describe = f"full fine-tuning: {count(params):,} parameters"
-    return params, Frozen(reference=_copy(params) if reference else None)
+    if not reference:
+      return params, Frozen()
+    return params, Frozen(reference=_copy(params if reference_of is None
+                                          else reference_of(params)))
 
   def frozen_shardings(self, frozen: Frozen) -> Frozen:
-    return Frozen(reference=None if frozen.reference is None else self.shardings)
+    if frozen.reference is None:
+      return Frozen()
+    # the reference may be part of the trained tree (`Algorithm.reference_of`): its keys'
+    return Frozen(reference={k: self.shardings[k] for k in frozen.reference})
 
   def model(self, params, frozen: Frozen, dropout_key=None):
     del frozen, dropout_key
@@ -103,7 +110,9 @@ class Lora:
   def shardings(self):
     return sharding_lib.param_shardings(lora_specs(self.config, self.lora), self.mesh)
 
-  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False,
+           reference_of=None):
+    del reference_of  # PEFT's reference is the base, adapters off (or a copy of adapters)
     base, self._base_sh = params, self.base_shardings
     if self.quantize != "none":
       base = jax.jit(lambda p: quantize_params(p, kind=self.quantize))(params)
@@ -156,7 +165,9 @@ class Prompt:
   def shardings(self):
     return sharding_lib.param_shardings(prompt_specs(self.config, self.prompt), self.mesh)
 
-  def init(self, params, rng, *, reference: bool, moving_reference: bool = False):
+  def init(self, params, rng, *, reference: bool, moving_reference: bool = False,
+           reference_of=None):
+    del reference_of  # PEFT's reference is the base, adapters off (or a copy of adapters)
     del reference, moving_reference  # the reference is the base, prompt off
     pc = self.prompt
     tree = jax.jit(lambda k, p: init_prompt(self.config, pc, p, k, self.init_tokens),
