@@ -129,7 +129,7 @@ def ppo_prompts(spec: dict) -> np.ndarray:
 
 
 def grpo_reward(completion_ids) -> float:
-  """The GRPO workload's reward of one completion (token ids): the fraction of even ids.
+  """The GRPO and PPO workloads' reward of one completion (token ids): the fraction of even ids.
 
   A trivial function of the sampled tokens, computed on the host, the same on every side; it
   varies within a group, so the advantages are not all zero.

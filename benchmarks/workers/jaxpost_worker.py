@@ -33,8 +33,16 @@ train state and the metrics, or on the generated tokens):
   aggregation, beta 0 so no reference model; every row `fresh`, so the old log-probs are the
   current ones and no extra forward is needed, as with one update per rollout in jaxpost's
   trainer, which then passes `on_policy=True`: the LM head's gradient is taken in the forward
-  pass, `token_nll`). The result has the medians of the sampling, rollout and update phases besides the
-  whole step's, and the matmul FLOPs of the traced update step.
+  pass, `token_nll`). The result has the medians of the sampling, rollout and update
+  phases besides the whole step's, and the matmul FLOPs of the traced update step.
+* **ppo**: one PPO step, rollout then update, as `RolloutSource` with `PPOTargets` do it.
+  Rollout: `generate(..., num_samples=1)` on the 16 prompts, the rewards on the host,
+  `completion_rows`, the old policy's and the reference's log-probs
+  (`jaxpost.rl.rollout._logps_fn`; the reference a copy of the initial params) and the
+  critic's values (`jaxpost.algorithms.ppo.critic_values`), `ppo_rollout.token_rewards` (k1
+  penalty, kl_coef 0.05), `losses.rl.gae` and `masked_whiten`, the batch on the device.
+  Update: one `make_train_step(ppo_loss, adamw)` call over the policy and its critic (one
+  tree from `ppo.with_critic`, one optimizer). Reported as grpo.
 
 Besides the times, it counts the FLOPs of every matmul in each training step's traced program
 (`bench_model.jaxpr_matmul_flops`): the matmul work jaxpost actually executes, to compare with

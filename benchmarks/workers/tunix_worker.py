@@ -42,6 +42,11 @@ What one timed step is, per workload (each step ends when its outputs are ready)
   prefilled; rewards; advantages) and, inside it, `RLCluster.generate` (the sampling alone);
   and `RLCluster.update_actor` (the actor trainer's `train()` on the rollout batch: one
   optimizer step). Each phase ends with `jax.block_until_ready` on what it produced.
+* **ppo**: Tunix's `PPOLearner.train()` on an `RLCluster` with actor, reference (a second
+  `Llama3`, same weights) and critic (`make_critic`: `tunix.rl.utils.create_critic_model`),
+  `PPOConfig(beta=kl_coef, kl_method="kl", gamma, gae_lambda, epsilon, clip_range_value)`,
+  16 prompts x 1 sample, one mini-batch, one iteration; timed as grpo, with the update the
+  sum of `RLCluster.update_actor` and `RLCluster.update_critic` (each also reported alone).
 """
 
 from __future__ import annotations
