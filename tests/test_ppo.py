@@ -516,6 +516,18 @@ def test_critic_from_a_reward_model_folder_or_run(tmp_path):
   save_reward_model_hf(other, wide, tmp_path / "wide", pad_token_id=0)
   with pytest.raises(ConfigError, match="intermediate_size"):
     build(load_config(_recipe(tmp_path, "bad2"), base + [f"rl.critic_from={tmp_path / 'wide'}"]))
+  # Once the run has a checkpoint, the reward model it started from may go: export and
+  # resume take the critic from the checkpoint.
+  import shutil
+
+  from jaxpost.train.trainer import export_run, train
+  trained = load_config(_recipe(tmp_path, "rm_trained"), base + [f"rl.critic_from={tmp_path / 'rm'}"])
+  train(trained)
+  shutil.rmtree(tmp_path / "rm")
+  assert export_run(tmp_path / "rm_trained", tmp_path / "rm_export")
+  more = load_config(_recipe(tmp_path, "rm_trained", steps=3),
+                     base + [f"rl.critic_from={tmp_path / 'rm'}"])
+  assert train(more)["start_step"] == 2
 
 
 def test_config_errors_and_one_sample_per_prompt(tmp_path):

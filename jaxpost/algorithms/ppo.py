@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,13 @@ def load_critic(run, path: str, dtype) -> dict:
   return params
 
 
+def _has_checkpoint(run) -> bool:
+  """Whether the run folder holds a finalised checkpoint (a step folder's metadata)."""
+  folder = Path(run.run_dir) / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() and any(p.iterdir())
+                                 for p in folder.iterdir() if p.is_dir())
+
+
 def make(run) -> Algorithm:
   """PPO for a built run (`jaxpost.train.build`); settings from `rl:`."""
   from jaxpost.rl.ppo_rollout import PPOTargets  # pylint: disable=import-outside-toplevel
@@ -219,8 +227,13 @@ def make(run) -> Algorithm:
   def init(params, rng):
     reward_model = None
     if rl.critic_from != "policy":
-      reward_model = load_critic(run, rl.critic_from, params["embed"].dtype)
-      log(f"critic from the reward model {rl.critic_from}")
+      if not Path(rl.critic_from).exists() and _has_checkpoint(run):
+        # Resuming or exporting: the checkpoint holds the trained critic (same shapes as a
+        # copy of the trunk), so the reward model it started from is not needed any more.
+        log(f"rl.critic_from {rl.critic_from} is gone: the critic comes from the checkpoint")
+      else:
+        reward_model = load_critic(run, rl.critic_from, params["embed"].dtype)
+        log(f"critic from the reward model {rl.critic_from}")
     return with_critic(run.config, params, rng, reward_model=reward_model)
 
   def batches(split, policy):
