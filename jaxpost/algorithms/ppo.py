@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxpost.algorithms.base import Algorithm
 from jaxpost.algorithms.grpo import old_logps_and_weights
+from jaxpost.losses.fused_nll import token_nll
 from jaxpost.losses.rl import policy_loss, value_loss
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import ModelConfig, forward, param_specs, save_hf
@@ -141,7 +142,8 @@ def ppo_objective(logps_BxT: jax.Array, values_BxT: jax.Array, batch: dict, *,
 
 def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
              temperature: float = 1.0, vf_coef: float = 0.1, value_clip: float | None = 0.2,
-             compute_dtype=None, remat: bool = False, **policy_loss_kwargs):
+             on_policy: bool = False, compute_dtype=None, remat: bool = False,
+             **policy_loss_kwargs):
   """PPO's loss of a rollout mini-batch: `(loss, metrics)`; `ppo_objective` of the policy's
   log-probs and the critic's values.
 
@@ -150,7 +152,8 @@ def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   log-probs are those of softmax(logits / temperature), the distribution sampled from; the
   values are `critic_values`, aligned with the targets. Other keywords go to `ppo_objective`.
 
-  Metrics (TRL's / verl's names): `objective/entropy`, `policy/clipfrac`, `policy/approxkl`,
+  Metrics (TRL's / verl's names; `objective/entropy` is the rollout's, from the sampler):
+  `policy/clipfrac`, `policy/approxkl`,
   `ratio/mean`, `loss/policy_avg`, `loss/value_avg`, `val/clipfrac`, `val/vpred`, `val/error`
   (mean (V - R)^2), `val/explained_variance` (1 - var(R - V) / var(R) over the masked tokens;
   averaged over micro-batches by tokens, so approximate under accumulation) and `weight`, the
@@ -161,15 +164,23 @@ def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   rows = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
               compute_dtype=compute_dtype, remat=remat)
   out = forward(config, policy, batch["tokens"], compute_logits=False, **rows)
-  logps_BxT, entropy_BxT = target_logprobs(config, policy, out.final_hidden, batch["targets"],
-                                           temperature=temperature, with_entropy=True)
   values_BxT = critic_values(config, critic, batch["tokens"], **rows)
-  loss, metrics = ppo_objective(logps_BxT, values_BxT, batch, vf_coef=vf_coef,
+  objective = functools.partial(ppo_objective, batch=batch, vf_coef=vf_coef,
                                 value_clip=value_clip, **policy_loss_kwargs)
-  mask_BxT = batch["loss_mask"].astype(jnp.float32)
-  metrics["objective/entropy"] = jnp.sum(entropy_BxT * mask_BxT) / jnp.maximum(
-      jnp.sum(mask_BxT), 1.0)
-  return loss, metrics
+  if (on_policy and not config.final_logit_softcap
+      and policy_loss_kwargs.get("tis_cap") is None):
+    # Every row fresh (ratio exactly 1): the policy term's gradient is sum_t g_t grad log p_t
+    # with g = d(objective)/d(logps), which does not depend on the parameters, taken through
+    # `token_nll` (the LM head's gradient in the forward pass), as `grpo_loss(on_policy=True)`.
+    zeros_BxT = jnp.zeros_like(batch["loss_mask"], jnp.float32)
+    g_BxT = jax.grad(lambda lp: objective(lp, jax.lax.stop_gradient(values_BxT))[0])(zeros_BxT)
+    loss, metrics = objective(zeros_BxT, values_BxT)  # the value; the critic's gradient
+    hidden = out.final_hidden if temperature == 1.0 else out.final_hidden / temperature
+    nll = token_nll(config, policy, hidden, batch["targets"], -g_BxT)
+    return loss + (nll - jax.lax.stop_gradient(nll)), metrics
+  logps_BxT = target_logprobs(config, policy, out.final_hidden, batch["targets"],
+                              temperature=temperature)
+  return objective(logps_BxT, values_BxT)
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -222,6 +233,7 @@ def make(run) -> Algorithm:
   loss = functools.partial(
       ppo_loss, config=run.config, temperature=rl.temperature, vf_coef=rl.vf_coef,
       value_clip=rl.value_clip, tis_cap=rl.tis_cap, clip_low=rl.clip_low,
+      on_policy=rl.num_iterations * rl.mini_batches == 1,
       clip_high=rl.clip_high, dual_clip=rl.dual_clip, **run.model_kwargs)
 
   def init(params, rng):

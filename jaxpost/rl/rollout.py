@@ -272,6 +272,7 @@ class RolloutSource:
     if self.ppo is not None:
       metrics.update(self.ppo.finish(batch, model, np.concatenate([g["total"] for g in kept]),
                                      np.concatenate([g["valid"] for g in kept]), samples))
+      metrics["objective/entropy"] = metrics["entropy"]  # TRL's PPO name, the sampler's value
     t_end = time.perf_counter()
     self._split(batch, policy.step)
     metrics.update({
