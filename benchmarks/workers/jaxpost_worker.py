@@ -42,7 +42,9 @@ train state and the metrics, or on the generated tokens):
   critic's values (`jaxpost.algorithms.ppo.critic_values`), `ppo_rollout.token_rewards` (k1
   penalty, kl_coef 0.05), `losses.rl.gae` and `masked_whiten`, the batch on the device.
   Update: one `make_train_step(ppo_loss, adamw)` call over the policy and its critic (one
-  tree from `ppo.with_critic`, one optimizer). Reported as grpo.
+  tree from `ppo.with_critic`, one optimizer), the rows fresh and `on_policy=True` as the
+  trainer does with one update per rollout (the policy term through `token_nll`). Reported
+  as grpo.
 
 Besides the times, it counts the FLOPs of every matmul in each training step's traced program
 (`bench_model.jaxpr_matmul_flops`): the matmul work jaxpost actually executes, to compare with
@@ -279,7 +281,7 @@ def bench_ppo(spec: dict) -> dict:
   opt = make_optimizer(spec)
   loss = functools.partial(ppo.ppo_loss, config=config, temperature=p["temperature"],
                            vf_coef=p["vf_coef"], value_clip=p["value_clip"],
-                           clip_low=p["clip"], clip_high=p["clip"])
+                           clip_low=p["clip"], clip_high=p["clip"], on_policy=True)
   step = make_train_step(lambda params, batch, rng: loss(params, batch, rng), opt)
   logps = _logps_fn(config, p["temperature"], None)
   values_fn = jax.jit(lambda critic, rows: ppo.critic_values(
@@ -317,7 +319,7 @@ def bench_ppo(spec: dict) -> dict:
                        gamma=p["gamma"], lam=p["lam"])
     adv = masked_whiten(adv, jnp.asarray(mask))
     batch = jax.device_put(dict(rows, advantages=adv, returns=returns, old_values=values,
-                                old_logps=old, fresh=np.zeros((len(tokens),), np.float32)))
+                                old_logps=old, fresh=np.ones((len(tokens),), np.float32)))
     jax.block_until_ready(batch)
     t2 = time.perf_counter()
     holder[0], metrics = step(holder[0], batch, {})
