@@ -12,51 +12,29 @@ family and KTO), `reward` (Bradley-Terry reward models), `grpo` (online RL: the 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 from jaxpost.algorithms.base import (Algorithm, BatchSource, Frozen, Offline, Policy,
                                      mix_reference, reference_sync, tokens_in)
 
 
-def _sft(run):
-  from jaxpost.algorithms import sft  # pylint: disable=import-outside-toplevel
-  return sft.make(run)
+def _lazy(module: str, factory: str = "make") -> Callable[[Any], Algorithm]:
+  """The factory `jaxpost.algorithms.<module>.<factory>`, imported when first called (the
+  families' modules pull in data, sampling and reward code that a run of another needs not)."""
 
+  def make(run):
+    return getattr(importlib.import_module(f"jaxpost.algorithms.{module}"), factory)(run)
 
-def _dpo(run):
-  from jaxpost.algorithms import preference  # pylint: disable=import-outside-toplevel
-  return preference.make_dpo(run)
-
-
-def _kto(run):
-  from jaxpost.algorithms import preference  # pylint: disable=import-outside-toplevel
-  return preference.make_kto(run)
-
-
-def _grpo(run):
-  from jaxpost.algorithms import grpo  # pylint: disable=import-outside-toplevel
-  return grpo.make(run)
-
-
-def _online_dpo(run):
-  from jaxpost.algorithms import online_dpo  # pylint: disable=import-outside-toplevel
-  return online_dpo.make(run)
-
-
-def _ppo(run):
-  from jaxpost.algorithms import ppo  # pylint: disable=import-outside-toplevel
-  return ppo.make(run)
-
-
-def _reward(run):
-  from jaxpost.algorithms import reward  # pylint: disable=import-outside-toplevel
-  return reward.make(run)
+  make.__name__ = f"{module}.{factory}"
+  return make
 
 
 # name -> factory(run) -> Algorithm. `register` adds one.
 ALGORITHMS: dict[str, Callable[[Any], Algorithm]] = {
-    "sft": _sft, "dpo": _dpo, "kto": _kto, "reward": _reward, "grpo": _grpo,
-    "online_dpo": _online_dpo, "ppo": _ppo}
+    "sft": _lazy("sft"), "dpo": _lazy("preference", "make_dpo"),
+    "kto": _lazy("preference", "make_kto"), "reward": _lazy("reward"), "grpo": _lazy("grpo"),
+    "online_dpo": _lazy("online_dpo"), "ppo": _lazy("ppo")}
 
 
 def register(name: str, factory: Callable[[Any], Algorithm]) -> None:
