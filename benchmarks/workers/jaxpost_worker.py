@@ -188,6 +188,19 @@ def bench_generate(spec: dict) -> dict:
   return common.generation_result("jaxpost", timing, ids, lengths[-1], g["new_tokens"])
 
 
+def _update(step, holder, batch, phases, times):
+  """One RL update `holder[0] = step(holder[0], batch)`, timed to the end; records the
+  sampling, rollout and update phases from `times` = (start, sampling done, rollout done)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  t0, t1, t2 = times
+  holder[0], metrics = step(holder[0], batch, {})
+  jax.block_until_ready((holder[0], metrics))
+  phases["sampling"].append(t1 - t0)
+  phases["rollout"].append(t2 - t0)
+  phases["update"].append(time.perf_counter() - t2)
+  return metrics
+
+
 def bench_grpo(spec: dict) -> dict:
   """One GRPO step per call: rollout (sampling, rewards, advantages, rows), then the update."""
   import jax
@@ -232,14 +245,8 @@ def bench_grpo(spec: dict) -> dict:
     batch = jax.device_put(dict(rows, advantages=adv.astype(np.float32),
                                 old_logps=np.zeros(adv.shape, np.float32),
                                 fresh=np.ones((len(tokens),), np.float32)))
-    t2 = time.perf_counter()
-    holder[0], metrics = step(holder[0], batch, {})
-    jax.block_until_ready((holder[0], metrics))
-    t3 = time.perf_counter()
+    metrics = _update(step, holder, batch, phases, (t0, t1, time.perf_counter()))
     last_batch[0] = batch
-    phases["sampling"].append(t1 - t0)
-    phases["rollout"].append(t2 - t0)
-    phases["update"].append(t3 - t2)
     losses.append(float(metrics["loss"]))
     rewards_mean.append(float(rewards.mean()))
     lengths.append(lens.tolist())
@@ -321,14 +328,8 @@ def bench_ppo(spec: dict) -> dict:
     batch = jax.device_put(dict(rows, advantages=adv, returns=returns, old_values=values,
                                 old_logps=old, fresh=np.ones((len(tokens),), np.float32)))
     jax.block_until_ready(batch)
-    t2 = time.perf_counter()
-    holder[0], metrics = step(holder[0], batch, {})
-    jax.block_until_ready((holder[0], metrics))
-    t3 = time.perf_counter()
+    metrics = _update(step, holder, batch, phases, (t0, t1, time.perf_counter()))
     last_batch[0] = batch
-    phases["sampling"].append(t1 - t0)
-    phases["rollout"].append(t2 - t0)
-    phases["update"].append(t3 - t2)
     losses.append(float(metrics["loss"]))
     rewards_mean.append(float(scores.mean()))
     kl_mean.append(float(k1.sum(axis=1).mean()))
