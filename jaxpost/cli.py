@@ -1,6 +1,7 @@
 """The `jaxpost` command line.
 
     jaxpost train CONFIG.yaml [key.path=value ...]   train (every algorithm, one command)
+    jaxpost eval EVAL.yaml [key=value ...]           evaluate a model, or follow=RUN_DIR
     jaxpost plot RUN_DIR                             draw a run's loss and metric curves (PNG)
     jaxpost generate MODEL_DIR --prompt "..."        chat with a local HF model folder
     jaxpost demo [--run-dir runs/demo]               build a tiny model on the spot and generate
@@ -126,6 +127,19 @@ def _cmd_export(args) -> int:
   return 0
 
 
+def _cmd_eval(args) -> int:
+  from jaxpost.config import EvalConfig, load_config  # pylint: disable=import-outside-toplevel
+
+  cfg = load_config(args.config, args.overrides, root=EvalConfig)
+  from jaxpost.eval.command import run_eval  # pylint: disable=import-outside-toplevel
+
+  summary = run_eval(cfg)
+  out = Path(summary["out_dir"])
+  print(f"evaluated steps {summary['steps']}; metrics: {out}/metrics.jsonl"
+        + (f"; report: {out}/report.md" if (out / "report.md").exists() else ""))
+  return 0
+
+
 def _cmd_plot(args) -> int:
   from jaxpost.plot import plot_run  # pylint: disable=import-outside-toplevel
 
@@ -150,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument("--out", default=None, help="output folder (default: the run folder)")
   export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   export.set_defaults(func=_cmd_export)
+  ev = sub.add_parser(
+      "eval", help="evaluate a model folder, a run or a checkpoint (model=PATH), or follow a "
+      "training run and evaluate each checkpoint as it is written (follow=RUN_DIR)")
+  ev.add_argument("config", help="an EVAL.yaml (see configs/eval.yaml)")
+  ev.add_argument("overrides", nargs="*", help="e.g. model=runs/dpo suites.arith.k=8")
+  ev.set_defaults(func=_cmd_eval)
   plot = sub.add_parser("plot", help="draw a run's metrics to PNG files in RUN_DIR/plots")
   plot.add_argument("run_dir")
   plot.set_defaults(func=_cmd_plot)

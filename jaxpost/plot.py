@@ -1,7 +1,9 @@
 """Plots of a run's metrics: `plot_run(run_dir)` -> PNGs in `run_dir/plots/`.
 
 Metrics are grouped by name without their first prefix, so `train/loss` and `eval/loss` share
-the axes of the "loss" group (and `train/reward/mean` with `eval/reward/mean`). Two files:
+the axes of the "loss" group (and `train/reward/mean` with `eval/reward/mean`). The evaluation
+loop's `run_dir/eval/metrics.jsonl` (names `eval/<suite>/<metric>`), when present, is drawn
+beside the training metrics, grouped the same way. Two files:
 
 * `loss.png`: the loss group alone (when the run logged a loss);
 * `metrics.png`: one subplot per group, loss first, then the groups by name.
@@ -23,6 +25,7 @@ from matplotlib.figure import Figure
 from jaxpost.metrics import METRICS_FILE, read_metrics
 
 PLOTS_DIR = "plots"
+EVAL_DIR = "eval"
 _RESERVED = ("step", "time")
 
 
@@ -61,7 +64,9 @@ def metric_groups(names: Iterable[str]) -> dict[str, list[str]]:
   return {g: groups[g] for g in order}
 
 
-def _draw(ax, title: str, names: list[str], series: dict) -> None:
+def draw_series(ax, title: str, names: list[str], series: dict) -> None:
+  """Draws `series[name]` for each of `names` on `ax` (a legend unless it is one series named
+  like the title)."""
   for name in names:
     steps, values = series[name]
     marker = "o" if len(steps) <= 50 else None
@@ -73,26 +78,48 @@ def _draw(ax, title: str, names: list[str], series: dict) -> None:
     ax.legend(fontsize="small")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+  """Renders `fig` with the Agg canvas to the PNG `path`; returns `path`."""
   FigureCanvasAgg(fig)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return path
 
 
+def run_series(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
+  """The series `plot_run` draws: `run_dir/metrics.jsonl` and, when present,
+  `run_dir/eval/metrics.jsonl` (whose values win where both hold a metric at a step).
+
+  Raises FileNotFoundError when the folder has neither file.
+  """
+  run_dir = Path(run_dir)
+  eval_dir = run_dir / EVAL_DIR
+  has_eval = (eval_dir / METRICS_FILE).is_file()
+  try:
+    records = read_metrics(run_dir)
+  except FileNotFoundError:
+    if not has_eval:
+      raise
+    records = []
+  if has_eval:
+    records += read_metrics(eval_dir)
+  return metric_series(records)
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
-  """Draws the metrics of `run_dir/metrics.jsonl` into PNGs; returns their paths.
+  """Draws the metrics of `run_dir/metrics.jsonl` (and `run_dir/eval/metrics.jsonl`) into PNGs;
+  returns their paths.
 
   Args:
     run_dir: a run folder written by `jaxpost.metrics.MetricWriter`.
     out: the folder for the PNGs (default `run_dir/plots`).
 
   Raises:
-    FileNotFoundError: the folder has no metrics.jsonl.
+    FileNotFoundError: the folder has no metrics.jsonl (nor eval/metrics.jsonl).
     ValueError: it has no numeric metric to draw.
   """
   run_dir = Path(run_dir)
-  series = metric_series(read_metrics(run_dir))
+  series = run_series(run_dir)
   if not series:
     raise ValueError(f"{run_dir / METRICS_FILE} has no numeric metrics to plot")
   out_dir = Path(out) if out is not None else run_dir / PLOTS_DIR
@@ -102,14 +129,14 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
   paths = []
   if "loss" in groups:
     fig = Figure(figsize=(7, 4.5))
-    _draw(fig.add_subplot(1, 1, 1), "loss", groups["loss"], series)
+    draw_series(fig.add_subplot(1, 1, 1), "loss", groups["loss"], series)
     fig.suptitle(title)
-    paths.append(_save(fig, out_dir / "loss.png"))
+    paths.append(save_figure(fig, out_dir / "loss.png"))
   cols = min(3, len(groups))
   rows = math.ceil(len(groups) / cols)
   fig = Figure(figsize=(4.8 * cols, 3.4 * rows))
   for i, (group, names) in enumerate(groups.items()):
-    _draw(fig.add_subplot(rows, cols, i + 1), group, names, series)
+    draw_series(fig.add_subplot(rows, cols, i + 1), group, names, series)
   fig.suptitle(title)
-  paths.append(_save(fig, out_dir / "metrics.png"))
+  paths.append(save_figure(fig, out_dir / "metrics.png"))
   return paths

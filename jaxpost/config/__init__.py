@@ -8,6 +8,7 @@ Sections and their checks live in `sections.py`; reading, overrides and type che
 `loader.py`. Every problem is a `ConfigError` (a `ValueError`) with a one-line message.
 """
 
+from jaxpost.config.eval import EvalConfig, EvalSection, LmEvalSection, SuiteSection
 from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_dict,
                                    load_config, save_config, suggest_key, valid_keys)
 from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
@@ -18,6 +19,7 @@ from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection
 
 __all__ = [
     "CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DistributedSection",
+    "EvalConfig", "EvalSection", "LmEvalSection", "SuiteSection",
     "KTOSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection", "PromptSection",
     "ReferenceSection", "RewardSection", "RunConfig", "Section", "TaskSection", "TrainSection",
     "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "save_config",

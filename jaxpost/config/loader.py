@@ -105,6 +105,14 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
 # -- building the tree ----------------------------------------------------------------------
 
 
+class NamedSections(dict):
+  """A config mapping of named entries (e.g. `eval.suites`): a dict that hashes by value, so
+  the config tree stays hashable."""
+
+  def __hash__(self) -> int:  # type: ignore[override]
+    return hash(tuple(sorted(self.items())))
+
+
 def _is_dataclass_type(hint: Any) -> bool:
   return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
@@ -123,6 +131,8 @@ def _describe(hint: Any) -> str:
     return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
   if _is_dataclass_type(hint):
     return "a mapping (section)"
+  if typing.get_origin(hint) is dict:
+    return "a mapping of named sections"
   return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
       hint, getattr(hint, "__name__", str(hint)))
 
@@ -156,8 +166,9 @@ class _Builder:
     below = [v for k, v in self.sources.items() if k.startswith(key + ".")]
     return below[-1] if below else self.source
 
-  def build(self, cls: type, raw: Any, prefix: str) -> Any:
-    """An instance of the dataclass `cls` from the mapping `raw` (keys under `prefix`)."""
+  def build(self, cls: type, raw: Any, prefix: str, keys: list[str] | None = None) -> Any:
+    """An instance of the dataclass `cls` from the mapping `raw` (keys under `prefix`);
+    `keys` are the valid keys an unknown one is compared with (default: the root's)."""
     if raw is None:
       raw = {}
     hints = typing.get_type_hints(cls)
@@ -166,7 +177,7 @@ class _Builder:
       if name not in fields:
         key = f"{prefix}{name}"
         message = f"unknown key '{key}' in {self.origin(key)}"
-        if (nearest := suggest_key(key, valid_keys(self.root))) is not None:
+        if (nearest := suggest_key(key, keys or valid_keys(self.root))) is not None:
           message += f"; did you mean '{nearest}'?"
         raise ConfigError(message)
     kwargs = {}
@@ -208,6 +219,25 @@ class _Builder:
       if value is not None and not isinstance(value, dict):
         raise self.type_error(key, shown, value)
       return self.build(hint, value, f"{key}.")
+    if typing.get_origin(hint) is dict:  # dict[str, Section]: named entries (eval suites)
+      if value is None:
+        return NamedSections()
+      if not isinstance(value, dict):
+        raise self.type_error(key, shown, value)
+      item = typing.get_args(hint)[1]
+      out = NamedSections()
+      for name, entry in value.items():
+        if not isinstance(name, str):
+          raise ConfigError(f"'{key}' in {self.origin(key)}: entry names must be strings, "
+                            f"got {name!r}")
+        sub = f"{key}.{name}"
+        if _is_dataclass_type(item):
+          if entry is not None and not isinstance(entry, dict):
+            raise self.type_error(sub, item, entry)
+          out[name] = self.build(item, entry, f"{sub}.", valid_keys(item, f"{sub}."))
+        else:
+          out[name] = self.coerce(entry, item, sub)
+      return out
     if hint is bool and isinstance(value, bool):
       return value
     if hint is int and not isinstance(value, bool):
@@ -339,8 +369,10 @@ def config_from_dict(raw: Any, *, source: str = "the config",
   return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
-  """Reads the YAML recipe at `path`, applies `key.path=value` overrides, validates.
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
+                root: type = RunConfig) -> Any:
+  """Reads the YAML recipe at `path`, applies `key.path=value` overrides, validates; `root`
+  is the config's class (`RunConfig`, or e.g. `EvalConfig` for `jaxpost eval`).
 
   Raises `ConfigError` (a `ValueError`) with a one-line message for any problem.
   """
@@ -360,12 +392,16 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
   if not isinstance(raw, dict):
     raise ConfigError(f"{where} must hold a mapping of sections, got {_shown(raw)}")
   sources = apply_overrides(raw, overrides)
-  return config_from_dict(raw, source=where, sources=sources)
+  return config_from_dict(raw, source=where, sources=sources, root=root)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
   """The config tree as plain nested dicts (YAML/JSON-ready)."""
-  return dataclasses.asdict(cfg)
+
+  def plain(x):
+    return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+  return plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:

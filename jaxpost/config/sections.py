@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxpost.config.eval import EvalSection
 from jaxpost.config.rl import RLSection
 from jaxpost.config.sections_base import ConfigError, Section, _require  # noqa: F401 (re-exported)
 
@@ -395,6 +396,7 @@ class RunConfig:
   reward: RewardSection = dataclasses.field(default_factory=RewardSection)
   reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
   rl: RLSection = dataclasses.field(default_factory=RLSection)
+  eval: EvalSection | None = None  # suites run in the loop (jaxpost.eval)
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a

@@ -37,21 +37,17 @@ number stops the run with one `RewardError` naming the function, the dataset row
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxpost.config.sections_base import ConfigError
 from jaxpost.errors import TrainingError
+from jaxpost.user_code import import_function
 from jaxpost.rl.builtin_rewards import (RewardFn, _import_math_verify, answer_reward, completion_text,
                                         format_reward, math_verify_reward, overlong_reward,
                                         reward_model_folder, reward_model_reward)
@@ -151,53 +147,7 @@ def load_reward_func(name_or_path: str, rl: RLSection, *,
                         f"{', '.join(BUILTINS)}, or give module:function (e.g. "
                         "my_rewards:correct) or path/to/file.py:function")
     return spec, loader(rl, tokenizer)
-  return _import_function(spec)
-
-
-def _import_function(spec: str) -> tuple[str, RewardFn]:
-  target, _, attr = spec.rpartition(":")
-  if not target or not attr:
-    raise ConfigError(f"rl.reward_funcs: {spec!r} should be module:function or "
-                      "path/to/file.py:function")
-  where = f"rl.reward_funcs: {spec!r}"
-  if target.endswith(".py") or "/" in target or "\\" in target:
-    path = Path(target).expanduser()
-    if not path.is_file():
-      raise ConfigError(f"{where}: no file {path}")
-    resolved = path.resolve()
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
-    name = f"_jaxpost_rewards_{resolved.stem}_{digest}"
-    module = sys.modules.get(name)
-    if module is None:
-      module_spec = importlib.util.spec_from_file_location(name, resolved)
-      if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"{where}: {path} cannot be imported as a Python module")
-      module = importlib.util.module_from_spec(module_spec)
-      sys.modules[name] = module  # so its classes pickle and dataclasses resolve
-      try:
-        module_spec.loader.exec_module(module)
-      except Exception as e:  # pylint: disable=broad-except
-        del sys.modules[name]
-        raise ConfigError(f"{where}: importing {path} failed: {type(e).__name__}: {e}") from e
-  else:
-    try:
-      module = importlib.import_module(target)
-    except ModuleNotFoundError as e:
-      if e.name is not None and (target == e.name or target.startswith(e.name + ".")):
-        raise ConfigError(f"{where}: no module named {e.name!r} (install it or put its folder on "
-                          "PYTHONPATH; a file path, path/to/rewards.py:function, also works)"
-                          ) from None
-      raise ConfigError(f"{where}: importing {target} failed: {type(e).__name__}: {e}") from e
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f"{where}: importing {target} failed: {type(e).__name__}: {e}") from e
-  fn: Any = module
-  for part in attr.split("."):
-    if not hasattr(fn, part):
-      raise ConfigError(f"{where}: {target} has no attribute {attr!r}")
-    fn = getattr(fn, part)
-  if not callable(fn):
-    raise ConfigError(f"{where}: {target}.{attr} is a {type(fn).__name__}, not a function")
-  return attr.rsplit(".", 1)[-1], fn
+  return import_function(spec, key="rl.reward_funcs")
 
 
 def load_reward_funcs(rl: RLSection, *, tokenizer: Tokenizer | None = None) -> RewardFns:

@@ -119,3 +119,32 @@ class Checkpoint:
 
   def end(self) -> None:
     self.checkpointer.wait()
+
+
+class Suites:
+  """A recipe's `eval:` suites (`jaxpost.eval.Evaluator`, the code `jaxpost eval` runs) every
+  `every` steps and at the last step, written to `RUN_DIR/eval` under the same names; the
+  start model is evaluated as step 0 by the trainer (`start`). `lm` picks the language model
+  out of the full params (e.g. PPO's policy)."""
+
+  def __init__(self, run, evaluator, writer: MetricWriter, *, every: int, steps: int,
+               reference=None, lm: Callable[[Any], Any] = lambda p: p, report: bool = True):
+    self.run, self.evaluator, self.writer = run, evaluator, writer
+    self.every, self.steps, self.reference, self.lm = every, steps, reference, lm
+    self.report = report
+
+  def evaluate(self, step: int, params, frozen, *, is_reference: bool = False) -> dict:
+    model = self.lm(self.run.trainable.model(params, frozen))
+    metrics = self.evaluator.evaluate(model, self.reference, is_reference=is_reference)
+    self.writer.write(step, metrics)
+    if self.report and jax.process_index() == 0:
+      from jaxpost.eval.report import write_report  # pylint: disable=import-outside-toplevel
+      write_report(self.writer.run_dir, title=f"Evaluation of {self.run.run_dir}")
+    return metrics
+
+  def after_step(self, info) -> None:
+    if info.step % self.every == 0 or info.step == self.steps:
+      info.extra.update(self.evaluate(info.step, info.state.params, info.frozen))
+
+  def end(self) -> None:
+    self.writer.close()

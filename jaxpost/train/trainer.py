@@ -21,11 +21,11 @@ import jax
 
 from jaxpost.config import RunConfig, save_config
 from jaxpost.data import describe_truncation
-from jaxpost.metrics import MetricWriter, ProgressBar
+from jaxpost.metrics import MetricWriter, ProgressBar, read_metrics
 from jaxpost.train.build import AlgorithmArg, Run, build, log
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.errors import TrainingError
-from jaxpost.train.hooks import Checkpoint, Evaluate, Metrics, evaluate
+from jaxpost.train.hooks import Checkpoint, Evaluate, Metrics, Suites, evaluate
 from jaxpost.train.loop import loop
 
 __all__ = ["TrainingError", "export_run", "train"]
@@ -70,6 +70,30 @@ def _report_data(cfg: RunConfig, source, writer: MetricWriter, step: int) -> Non
                       "data/skipped_rows": skipped})
 
 
+def _suites(run: Run, state, frozen):
+  """The `eval:` section's hook (None without one), made before any checkpoint is restored:
+  its reference is the start model (a copy under full fine-tuning, taken only when a suite
+  compares with it; the base under PEFT)."""
+  sec = run.cfg.eval
+  if sec is None:
+    return None
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jaxpost.eval.runner import Evaluator, resolve_data  # pylint: disable=import-outside-toplevel
+  evaluator = Evaluator(sec, run.config, run.tokenizer, data=resolve_data(run.data),
+                        compute_dtype=run.model_kwargs["compute_dtype"], log=log)
+  lm = run.algorithm.reference_of or (lambda p: p)
+  reference = None
+  if evaluator.needs_reference():
+    if run.trainable.kind == "full":
+      reference = jax.tree.map(jnp.copy, lm(run.trainable.model(state.params, frozen)))
+    else:
+      reference = frozen.base
+  writer = MetricWriter(run.run_dir / "eval", enabled=jax.process_index() == 0)
+  every = sec.every or run.cfg.checkpoint.every or run.cfg.train.steps
+  return Suites(run, evaluator, writer, every=every, steps=run.cfg.train.steps,
+                reference=reference, lm=lm, report=sec.report)
+
+
 def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
   """Runs `cfg` to `train.steps`, resuming from the latest checkpoint in `run_dir` if any.
@@ -96,6 +120,7 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   cfg = run.cfg
   state, frozen = run.init_state()
   t, a = cfg.train, run.algorithm
+  suites = _suites(run, state, frozen)
   start_policy = run.policy(state.params, frozen)
   source = a.batches("train", start_policy)
   held_out = a.batches("eval", start_policy)
@@ -135,10 +160,18 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   if eval_batches and t.eval_every and start == 0:  # the starting point, for before/after
     summary["eval_before"] = evaluate(run, eval_batches, state.params, frozen)
     writer.write(0, summary["eval_before"])
+  if suites is not None:
+    if start == 0:
+      summary["suites_before"] = suites.evaluate(0, state.params, frozen, is_reference=True)
+    elif (run.run_dir / "eval" / "metrics.jsonl").exists():  # resumed: for `retention`
+      suites.evaluator.reference_results = {
+          k: v for r in read_metrics(run.run_dir / "eval") if r["step"] == 0
+          for k, v in r.items()}
   bar = ProgressBar(t.steps, initial_step=start, disable=None if jax.process_index() == 0 else True)
   metrics = Metrics(writer, bar, steps=t.steps, log_every=t.log_every,
                     max_bad_steps=t.max_bad_steps, headline=a.headline, on_step=on_step)
   hooks = [metrics, Evaluate(run, eval_batches, writer, every=t.eval_every, steps=t.steps),
+           *([suites] if suites is not None else []),
            Checkpoint(checkpointer, source, steps=t.steps, tree=run.checkpoint_tree)]
   t0 = time.perf_counter()
   try:
@@ -146,6 +179,8 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   finally:
     checkpointer.wait()
     writer.close()
+    if suites is not None:
+      suites.writer.close()
     bar.close()
   elapsed = time.perf_counter() - t0
   if (bad := int(state.bad_steps)) > 0:  # the final state is not the result of t.steps steps
