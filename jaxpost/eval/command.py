@@ -109,15 +109,19 @@ class Session:
 
 
 def evaluate_once(session: Session) -> dict[str, Any]:
-  """`model=`: the reference (step 0) and the model (a checkpoint's step, a run's latest
-  checkpoint, or step 0 alone for a Hugging Face folder without a reference)."""
+  """`model=`: the reference (step 0, once per ledger), then the model: a checkpoint at its
+  step, a run at its latest checkpoint; a Hugging Face folder has no step and is written at
+  step 1 (step 0 without a reference)."""
   done = done_steps(session.out_dir)
   target = session.target
   session.reference_results(set(done))
   steps = target.steps()
-  step = session.step if session.step is not None else (steps[-1] if steps else 0)
-  if step == 0 and session.reference_params is not None:
-    return {"out_dir": str(session.out_dir), "steps": [0]}
+  if session.step is not None:
+    step = session.step
+  elif steps:
+    step = steps[-1]
+  else:
+    step = 0 if session.reference_params is None else 1
   metrics = session.evaluate(step, target.params(step if steps else None))
   return {"out_dir": str(session.out_dir), "steps": [step], "metrics": metrics}
 
@@ -164,11 +168,29 @@ def follow(session: Session, *, sleep: Callable[[float], None] = time.sleep) -> 
   return {"out_dir": str(session.out_dir), "steps": evaluated, "skipped": skipped}
 
 
-def run_eval(cfg: EvalConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+def _wait_for_run(cfg: EvalConfig, log, sleep) -> None:
+  """A sidecar started beside `jaxpost train` waits for the run's config.yaml (written once
+  the run is built)."""
+  path = Path(cfg.follow) / "config.yaml"
+  start, said = time.monotonic(), False
+  while not path.exists():
+    if not said:
+      log(f"eval: waiting for {path} (the run starts)")
+      said = True
+    if cfg.idle_timeout and time.monotonic() - start > cfg.idle_timeout:
+      raise TrainingError(f"{path} did not appear within idle_timeout={cfg.idle_timeout:g}s: "
+                          "is follow= the run_dir of a started `jaxpost train`?")
+    sleep(cfg.poll_seconds)
+
+
+def run_eval(cfg: EvalConfig, log: Callable[[str], None] = _log,
+             sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
   """`jaxpost eval`: evaluates `cfg.model` once, or follows `cfg.follow`."""
+  if cfg.follow:
+    _wait_for_run(cfg, log, sleep)
   session = Session(cfg, log)
   try:
-    return follow(session) if cfg.follow else evaluate_once(session)
+    return follow(session, sleep=sleep) if cfg.follow else evaluate_once(session)
   finally:
     session.close()
 
