@@ -221,3 +221,65 @@ def test_in_loop_eval_section_uses_the_same_names(trained, tmp_path):
   if sidecar is not None:
     assert names == {k for k in sidecar[-1] if k.startswith("eval/")}
   assert (tmp_path / "run" / "eval" / "report.md").exists()
+
+
+DOC_SUITE = '''
+def my_suite(model, reference, rows, section, cache):    # model: jaxpost.eval.EvalModel
+  outs = model.generate([model.tokenizer.encode(r["prompt"], add_bos=True) for r in rows],
+                        max_new_tokens=section.max_new_tokens)
+  return {"polite": sum("please" in g[0].text for g in outs) / len(outs)}
+'''
+
+
+def test_custom_suite_of_the_docs_and_lm_eval_section(trained, tmp_path):
+  """docs/architecture.md's custom suite runs as written; an `lm_eval:` section runs a local
+  lm-eval task through the same Evaluator, under eval/lm_eval/<task>/<metric>."""
+  import jax.numpy as jnp
+  from jaxpost.config import EvalSection, LmEvalSection, SuiteSection
+  from jaxpost.eval import Evaluator, EvalModel
+  from jaxpost.models import load_hf
+  from jaxpost.tokenizer import load_tokenizer
+
+  tmp, _ = trained
+  doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+  assert DOC_SUITE.strip().splitlines()[0] in doc and "please" in doc
+  (tmp_path / "my_metrics.py").write_text(DOC_SUITE)
+  (tmp_path / "prompts.jsonl").write_text(
+      "".join(json.dumps({"prompt": p}) + "\n" for p in ("please say", "what is 1 + 2")))
+  folder = tmp / "run" / "final"
+  config, params = load_hf(folder, dtype=jnp.float32)
+  tok = load_tokenizer(folder)
+  lm_eval_section = None
+  tasks = tmp_path / "tasks"
+  if _has_lm_eval():
+    tasks.mkdir()
+    rows = [{"question": f"what is {a} + 1", "choices": [str(a + 1), str(a + 2)], "label": 0}
+            for a in range(4)]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ntest_split: train\ndataset_kwargs:\n"
+        f"  data_files: {tasks / 'mc.jsonl'}\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
+    lm_eval_section = LmEvalSection(tasks="tiny_mc", include_path=str(tasks))
+  section = EvalSection(
+      batch_size=4, lm_eval=lm_eval_section,
+      suites={"polite": SuiteSection(kind="custom", function=f"{tmp_path}/my_metrics.py:my_suite",
+                                     data=str(tmp_path / "prompts.jsonl"), max_new_tokens=4)})
+  out = Evaluator(section, config, tok).evaluate(params)
+  outs = EvalModel(config, params, tok, batch_size=4).generate(
+      [tok.encode(p, add_bos=True) for p in ("please say", "what is 1 + 2")], max_new_tokens=4)
+  assert out["eval/polite/polite"] == sum("please" in g[0].text for g in outs) / 2
+  if lm_eval_section is not None:
+    from jaxpost.eval.lm_eval_adapter import run_lm_eval
+    direct = run_lm_eval(EvalModel(config, params, tok, batch_size=4), ["tiny_mc"],
+                         include_path=str(tasks))
+    assert out["eval/lm_eval/tiny_mc/acc"] == direct["tiny_mc/acc"]
+
+
+def _has_lm_eval() -> bool:
+  try:
+    import lm_eval  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True

@@ -37,7 +37,7 @@ class SuiteSection(Section):
   reference's completions). `probes` is a JSONL of `{prompt?, chosen, rejected}` pairs for the
   value-drift audit. `beta` scales DPO's implicit reward. `retention` also reports each metric
   divided by the reference's (1.0: nothing forgotten). `function` is a custom suite
-  `module:function` `(model, reference, rows, section) -> {metric: value}`.
+  `module:function` `(model, reference, rows, section, cache) -> {metric: value}`.
   """
 
   kind: SuiteKind = "generation"
@@ -61,7 +61,7 @@ class SuiteSection(Section):
     _require(self.kind in ("drift", "custom") or self.data is not None,
              f"{prefix}data is required for kind={self.kind} (a file, @eval or @train)")
     _require(self.kind != "drift" or self.data is not None or self.probes is not None,
-             f"{prefix}: a drift suite needs data (prompts) or probes (pairs)")
+             f"{prefix}data (prompts) or {prefix}probes (pairs) is required for kind=drift")
     _require(self.kind != "custom" or self.function is not None,
              f"{prefix}function is required for kind=custom (module:function)")
     _require(self.limit is None or self.limit >= 1, f"{prefix}limit must be >= 1")
@@ -71,7 +71,8 @@ class SuiteSection(Section):
              f"{prefix}k={self.k} samples of a greedy decoder are all the same: set "
              f"{prefix}temperature > 0 (e.g. 1.0) or k=1")
     _require(self.kind != "diversity" or (self.k >= 2 and self.temperature > 0),
-             f"{prefix}: a diversity suite compares k >= 2 samples at temperature > 0")
+             f"{prefix}k={self.k}, {prefix}temperature={self.temperature}: a diversity suite "
+             f"compares k >= 2 samples at temperature > 0")
     _require(self.max_new_tokens >= 1, f"{prefix}max_new_tokens must be >= 1")
     _require(self.scorer in ("exact", "numeric", "regex") or ":" in self.scorer,
              f"{prefix}scorer must be exact, numeric, regex or module:function, got "
