@@ -126,6 +126,12 @@ def evaluate_once(session: Session) -> dict[str, Any]:
   return {"out_dir": str(session.out_dir), "steps": [step], "metrics": metrics}
 
 
+def _expected_steps(target, final: int) -> list[int]:
+  """The steps the run saves at (`checkpoint.every` and the last), if the target knows."""
+  every = getattr(getattr(getattr(target, "cfg", None), "checkpoint", None), "every", None)
+  return [*range(every, final, every), final] if every else []
+
+
 def follow(session: Session, *, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
   """`follow=RUN_DIR`: the sidecar loop (see the module docstring)."""
   cfg, target = session.cfg, session.target
@@ -150,12 +156,17 @@ def follow(session: Session, *, sleep: Callable[[float], None] = time.sleep) -> 
       done.add(step)
       evaluated.append(step)
       last_new = time.monotonic()
-    for s in steps:
-      if s < max(done, default=0) and s not in done and s not in said:
-        said.add(s)  # committed after a later one was evaluated (not in step order): skipped
-        session.log(f"eval: checkpoint {s} appeared after step {max(done)} was evaluated; "
-                    "skipped to keep step order")
     final = target.final_step()
+    newest = max(done, default=0)
+    for s in sorted(set(steps) | set(_expected_steps(target, final))):
+      if 0 < s < newest and s not in done and s not in skipped and s not in said:
+        said.add(s)
+        if s in steps:  # committed after a later one was evaluated: skipped, for step order
+          session.log(f"eval: checkpoint {s} appeared after step {newest} was evaluated; "
+                      "skipped to keep step order")
+        else:
+          session.log(f"eval: checkpoint {s} was deleted by the trainer before this sidecar "
+                      "saw it (checkpoint.keep_last); skipped")
     if final in done:
       session.log(f"eval: the run's last step {final} is evaluated; done "
                   f"({len(evaluated)} checkpoints this time, ledger {session.out_dir})")

@@ -31,7 +31,7 @@ SUITES: dict[str, Callable] = {
     "diversity": generation.diversity,
 }
 # What a `@eval` / `@train` split means for each kind: the run's chat rows, or its pairs.
-DATA_KIND = {"preference": "preference"}
+DATA_KIND = {"preference": "paired"}
 NEEDS_REFERENCE = ("drift",)
 
 
