@@ -114,6 +114,12 @@ def _cmd_train(args) -> int:
   if "eval_before" in summary and key in final:
     print(f"held-out {key}: before={summary['eval_before'].get(key, float('nan')):.3f} "
           f"after={final[key]:.3f}")
+  start = summary.get("suites_before", {})
+  shown = [k for k in start if k in final and not k.endswith(("seconds", "examples_per_s"))]
+  if shown:
+    print("evaluation (before -> after): " + ", ".join(
+        f"{k[5:]} {start[k]:.3g} -> {final[k]:.3g}" for k in shown))
+    print(f"evaluation report: {run_dir}/eval/report.md")
   if "exact_match_after" in summary:
     before = summary.get("exact_match_before", float("nan"))
     print(f"{Path(args.config).stem}: exact-match before={before:.3f} "

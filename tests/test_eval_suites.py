@@ -36,6 +36,8 @@ from jaxpost.tokenizer import load_tokenizer
 BATCH = 4  # rows per compiled call, for every model of the module
 WIDTH = 128  # the brute-force forward's row width (causal: right padding changes nothing)
 GEN = dict(k=4, temperature=1.0, max_new_tokens=8)  # the sampled suites' settings
+IM_END = 5  # the tokenizer's ids: 0-5 specials, 6-261 byte fallback <0x00>..<0xFF>, then pieces
+FIRST_PIECE, VOCAB = 262, 320
 
 SCORERS = """\
 def parity(completion, row):
@@ -57,11 +59,27 @@ def assistant(text):
 
 def _perturbed(params, seed, scale):
   """`params` plus normal(0, scale) noise on every matrix (norms kept)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      p + scale * jax.random.normal(k, p.shape, p.dtype) if p.ndim > 1 else p
-      for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + (scale * rng.standard_normal(p.shape)).astype(p.dtype)
+                      if p.ndim > 1 else p, params)
+
+
+def _params(config, tok):
+  """Random weights (untied head) whose samples look like text: embedding dimension 0 is a
+  constant 3, which reaches the final hidden state large and positive, and the head's row 0
+  turns it into a bias: -1 on the specials before <|im_end|> and on the byte-fallback pieces,
+  +0.7 on pieces starting with a space, +0.15 on digits, +0.75 on <|im_end|>. So completions
+  are word-like (n-grams for distinct-n and self-BLEU), print numbers (the numeric scorer) and
+  stop now and then."""
+  p = init_params(config, jax.random.key(0))
+  pieces = {i: tok.decode([i]) for i in range(FIRST_PIECE, VOCAB)}
+  embed, head = np.array(p["embed"]) * 4, np.array(p["lm_head"]) * 15
+  embed[:, 0] = 3.0
+  head[0, :FIRST_PIECE] = -1.0
+  head[0, IM_END] = 0.75
+  head[0, [i for i, s in pieces.items() if s.startswith(" ")]] += 0.7
+  head[0, [i for i, s in pieces.items() if s.isdigit()]] += 0.15
+  return dict(p, embed=jnp.asarray(embed), lm_head=jnp.asarray(head))
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +88,10 @@ def tiny(tmp_path_factory):
   perturbed copies standing for later checkpoints) and EvalModels of the first two."""
   tok = load_tokenizer(make_tokenizer(tmp_path_factory.mktemp("tok"),
                                       tokenizer_fixtures.corpus(300)))
-  config = tiny_config(tok.vocab_size)
-  base = init_params(config, jax.random.key(0))
-  params = dict(base, embed=base["embed"] * 4)  # peakier next-token distributions than init's
+  assert tok.decode([IM_END]) == "<|im_end|>" and tok.decode([6 + ord("A")]) == "A"
+  assert tok.vocab_size == VOCAB
+  config = tiny_config(tok.vocab_size, tie_embeddings=False)
+  params = _params(config, tok)
   other, third = _perturbed(params, 1, 0.02), _perturbed(params, 2, 0.02)
   model = EvalModel(config, params, tok, batch_size=BATCH)
   return types.SimpleNamespace(tok=tok, config=config, params=params, other=other,
@@ -132,7 +151,7 @@ def logp(t, params, prompt, completion):
 
 
 def random_ids(rng, n):
-  return [int(x) for x in rng.integers(6, 300, n)]  # no pad/eos/bos/unk/chat markers
+  return [int(x) for x in rng.integers(FIRST_PIECE, VOCAB, n)]  # merged pieces
 
 
 def write_jsonl(path, rows):
@@ -394,6 +413,7 @@ def samples(tiny):
   assert [[x.ids for x in g] for g in out] != \
       [[x.ids for x in g] for g in tiny.model.generate(ids, **GEN, seed=1)]
   assert all(len(g) == GEN["k"] for g in out) and len({x.text for g in out for x in g}) > 8
+  assert not any(IM_END in x.ids for g in out for x in g)  # the stop token is cut off
   return out
 
 
@@ -413,9 +433,9 @@ def test_generation_custom_scorer_and_pass_at_k(tiny, samples, tmp_path):
 
 
 def test_generation_numeric_scorer_and_majority(tiny, samples):
-  """Each row's answer is a number one of its samples gives (42 where none does)."""
+  """Each row's answer is the number its last sample with one gives (42 where none does)."""
   numbers = [[M.extract_number(x.text) for x in g] for g in samples]
-  answers = [next((f"{n:g}" for n in ns if n is not None), "42") for ns in numbers]
+  answers = [next((f"{n:g}" for n in ns[::-1] if n is not None), "42") for ns in numbers]
   rows = [{**r, "answer": a} for r, a in zip(PROMPT_ROWS, answers)]
   got = generation.generation(tiny.model, None, rows, suite("generation", scorer="numeric", **GEN),
                               {})
