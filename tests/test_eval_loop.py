@@ -283,3 +283,24 @@ def _has_lm_eval() -> bool:
   except ImportError:
     return False
   return True
+
+
+@pytest.mark.slow
+def test_eval_on_its_own_mesh_matches_one_device(trained):
+  """A run trained on 1 device, evaluated on 8 (data 2 x fsdp 4; checkpoints restored onto
+  the evaluation's shardings): the same numbers as on 1 device."""
+  tmp, ev = trained
+  outs = {}
+  for name, env, mesh in (("d1", {}, []), ("d8", {"XLA_FLAGS":
+                          "--xla_force_host_platform_device_count=8"},
+                          ["mesh_data=2", "mesh_fsdp=4"])):
+    proc = subprocess.run([sys.executable, "-m", "jaxpost.cli", "eval", str(ev),
+                           f"out_dir={tmp / name}", *mesh], env=_env() | env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs[name] = _ledger(tmp / name)
+  for a, b in zip(outs["d1"], outs["d8"], strict=True):
+    assert a["step"] == b["step"]
+    for k, v in a.items():
+      if k.startswith("eval/") and not k.endswith(("seconds", "examples_per_s")):
+        assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
