@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 from collections import Counter
 
@@ -68,7 +69,7 @@ def _params(config, tok):
   """Random weights (untied head) whose samples look like text: embedding dimension 0 is a
   constant 3, which reaches the final hidden state large and positive, and the head's row 0
   turns it into a bias: -1 on the specials before <|im_end|> and on the byte-fallback pieces,
-  +0.7 on pieces starting with a space, +0.15 on digits, +0.75 on <|im_end|>. So completions
+  +0.7 on pieces starting with a space, +0.15 on digits, 0.3 on <|im_end|>. So completions
   are word-like (n-grams for distinct-n and self-BLEU), print numbers (the numeric scorer) and
   stop now and then."""
   p = init_params(config, jax.random.key(0))
@@ -76,7 +77,7 @@ def _params(config, tok):
   embed, head = np.array(p["embed"]) * 4, np.array(p["lm_head"]) * 15
   embed[:, 0] = 3.0
   head[0, :FIRST_PIECE] = -1.0
-  head[0, IM_END] = 0.75
+  head[0, IM_END] = 0.3
   head[0, [i for i, s in pieces.items() if s.startswith(" ")]] += 0.7
   head[0, [i for i, s in pieces.items() if s.isdigit()]] += 0.15
   return dict(p, embed=jnp.asarray(embed), lm_head=jnp.asarray(head))
@@ -373,15 +374,22 @@ def test_preference_accuracy_margin_and_probe_flips(tiny):
   margin = beta * ((c - rc) - (r_ - rr))
   assert got["logp_accuracy"] == alone["logp_accuracy"]
   assert got["accuracy"] == np.mean(margin > 0)
-  np.testing.assert_allclose(got["margin"], margin.mean(), atol=1e-6, rtol=0)
+  # each of the four summed log-probs of a row is within 1e-5 of the brute force
+  np.testing.assert_allclose(got["margin"], margin.mean(), atol=beta * 4e-5, rtol=0)
   # the reference's scores are cached: a stand-in that cannot score gives the same answer
   again = suites.preference(t.model, object(), rows, s, cache)
   assert again["margin"] == got["margin"]
 
-  flips = suites.probe_flips(t.model, t.ref, rows, {})
-  ref_margin, model_margin = rc - rr, c - r_
-  assert flips["probe_flipped"] == np.mean((ref_margin > 0) != (model_margin > 0))
-  np.testing.assert_allclose(flips["probe_shift"], np.mean(model_margin - ref_margin), atol=1e-5,
+  probes = rows + [{"prompt": "what is two plus three?\n", "chosen": "six", "rejected": "two"}]
+  flips = suites.probe_flips(t.model, t.ref, probes, {})
+  ref_margin = np.append(rc - rr, side(t.other, probes[-1], "chosen") -
+                         side(t.other, probes[-1], "rejected"))
+  model_margin = np.append(c - r_, side(t.params, probes[-1], "chosen") -
+                           side(t.params, probes[-1], "rejected"))
+  flipped = (ref_margin > 0) != (model_margin > 0)
+  assert flipped[-1] and not flipped.all()  # the perturbation turned the last probe round
+  assert flips["probe_flipped"] == flipped.mean()
+  np.testing.assert_allclose(flips["probe_shift"], np.mean(model_margin - ref_margin), atol=4e-5,
                              rtol=0)
   assert flips["probe_shift"] != 0
 
@@ -405,16 +413,26 @@ def prompt_ids(tok, row):
 
 @pytest.fixture(scope="module")
 def samples(tiny):
-  """The samples every sampled suite of the module draws: k=4 at temperature 1."""
+  """The samples every sampled suite of the module draws (`EvalModel.seed`: k=4 at
+  temperature 1 from the same random numbers each call)."""
+  return tiny.model.generate([prompt_ids(tiny.tok, r) for r in PROMPT_ROWS], **GEN)
+
+
+def test_generation_is_seeded(tiny, samples):
   ids = [prompt_ids(tiny.tok, r) for r in PROMPT_ROWS]
-  out = tiny.model.generate(ids, **GEN)
   again = tiny.model.generate(ids, **GEN)
-  assert [[x.text for x in g] for g in out] == [[x.text for x in g] for g in again]
-  assert [[x.ids for x in g] for g in out] != \
-      [[x.ids for x in g] for g in tiny.model.generate(ids, **GEN, seed=1)]
-  assert all(len(g) == GEN["k"] for g in out) and len({x.text for g in out for x in g}) > 8
-  assert not any(IM_END in x.ids for g in out for x in g)  # the stop token is cut off
-  return out
+  assert [[x.text for x in g] for g in samples] == [[x.text for x in g] for g in again]
+  for g, h in zip(samples, again):
+    for x, y in zip(g, h):
+      np.testing.assert_array_equal(x.entropies, y.entropies)
+  other_seed = tiny.model.generate(ids, **GEN, seed=1)
+  assert [[x.ids for x in g] for g in samples] != [[x.ids for x in g] for g in other_seed]
+  assert all(len(g) == GEN["k"] for g in samples)
+  assert len({x.text for g in samples for x in g}) > 8  # different samples of one prompt
+  lengths = [len(x.ids) for g in samples for x in g]
+  assert min(lengths) < GEN["max_new_tokens"] == max(lengths)  # some stopped early
+  assert not any(IM_END in x.ids for g in samples for x in g)  # the stop token is cut off
+  assert all(x.text == tiny.tok.decode(x.ids) for g in samples for x in g)
 
 
 def test_generation_custom_scorer_and_pass_at_k(tiny, samples, tmp_path):
@@ -451,6 +469,39 @@ def test_generation_numeric_scorer_and_majority(tiny, samples):
     hits.append(vote == repr(float(a)))
   assert got["maj@4"] == np.mean(hits)
   assert got["pass@4"] == M.mean_pass_at_k(right, 4)
+
+
+def _vote(answers):
+  """The most common non-empty answer, the earliest on ties ("" when none)."""
+  answers = [a for a in answers if a]
+  counts = Counter(answers)
+  return next((a for a in answers if counts[a] == max(counts.values())), "")
+
+
+def test_generation_majority_votes_against_the_scored_gold(tiny, samples):
+  """maj@k compares the vote with the gold the score reads: a `solution` column (exact), the
+  bare answer (regex: the pattern reads completions, not the gold)."""
+  norm = lambda text: " ".join(text.split())  # noqa: E731
+  texts = [[x.text for x in g] for g in samples]
+  rows = [{"prompt": "the quick brown", "solution": texts[0][1]}, PROMPT_ROWS[1],
+          {"prompt": [user("hello world")], "solution": texts[2][0]}]
+  golds = [norm(texts[0][1]), "five", norm(texts[2][0])]
+  got = generation.generation(tiny.model, None, rows, suite("generation", **GEN), {})
+  assert got["exact_match"] == np.mean([[norm(x) == g for x in xs] for xs, g in zip(texts, golds)])
+  maj = np.mean([_vote([norm(x) for x in xs]) == g for xs, g in zip(texts, golds)])
+  assert got["maj@4"] == maj and maj > 0
+
+  pattern = r"[a-z](\d)"
+  digits = [[(re.findall(pattern, x) or [""])[-1] for x in xs] for xs in texts]
+  golds = [_vote(d) or "9" for d in digits]
+  rows = [{"prompt": "the quick brown", "answer": golds[0]},
+          {"messages": PROMPT_ROWS[1]["messages"][:-1], "answer": golds[1]},
+          {"prompt": [user("hello world")], "answer": golds[2]}]
+  got = generation.generation(tiny.model, None, rows,
+                              suite("generation", scorer="regex", pattern=pattern, **GEN), {})
+  assert got["regex_match"] == np.mean([[d == g for d in ds] for ds, g in zip(digits, golds)])
+  maj = np.mean([_vote(d) == g for d, g in zip(digits, golds)])
+  assert got["maj@4"] == maj and maj > 0
 
 
 def test_diversity_from_the_same_samples(tiny, samples):

@@ -33,9 +33,11 @@ def _sample(model: EvalModel, prompts: list[Prompt], s, *, k: int | None = None,
                         max_new_tokens=s.max_new_tokens, top_p=s.top_p)
 
 
-def make_scorer(s) -> tuple[str, Callable[[str, dict], float], Callable[[str], str] | None]:
-  """(metric name, `(completion, row) -> score in [0, 1]`, the answer a completion gives for
-  majority voting or None) of a suite's `scorer`."""
+def make_scorer(s) -> tuple[str, Callable[[str, dict], float], Callable[[str], str] | None,
+                            Callable[[dict], str] | None]:
+  """(metric name, `(completion, row) -> score in [0, 1]`, and for majority voting the answer
+  a completion gives and the row's gold answer in the same form, or None twice) of a suite's
+  `scorer`. The gold is the row's `answer`, `completion` or `solution`, as the score reads it."""
   def gold(row: dict) -> str:
     for key in ("answer", "completion", "solution"):
       if key in row:
@@ -43,8 +45,12 @@ def make_scorer(s) -> tuple[str, Callable[[str, dict], float], Callable[[str], s
     raise KeyError(f"a {s.scorer} scorer needs the row's 'answer' (or a 'messages' row ending "
                    f"with the assistant's answer); it has {sorted(row)}")
 
+  def normalized_gold(row: dict) -> str:
+    return M.normalize_answer(gold(row))
+
   if s.scorer == "exact":
-    return "exact_match", lambda c, r: float(M.exact_match(c, gold(r))), M.normalize_answer
+    return ("exact_match", lambda c, r: float(M.exact_match(c, gold(r))), M.normalize_answer,
+            normalized_gold)
   if s.scorer == "numeric":
     def numeric(c, r):
       return float(M.numeric_match(c, gold(r), tolerance=s.tolerance))
@@ -52,14 +58,15 @@ def make_scorer(s) -> tuple[str, Callable[[str, dict], float], Callable[[str], s
     def answer(c):
       x = M.extract_number(c)
       return "" if x is None else repr(x)
-    return "numeric_match", numeric, answer
-  if s.scorer == "regex":
+    return "numeric_match", numeric, answer, lambda r: answer(gold(r))
+  if s.scorer == "regex":  # the pattern reads a completion; the gold is the bare answer
     def regex(c, r):
       return float(M.exact_match(M.regex_extract(c, s.pattern), gold(r)))
-    return "regex_match", regex, lambda c: M.normalize_answer(M.regex_extract(c, s.pattern))
+    return ("regex_match", regex, lambda c: M.normalize_answer(M.regex_extract(c, s.pattern)),
+            normalized_gold)
   from jaxpost.user_code import import_function  # pylint: disable=import-outside-toplevel
   _, fn = import_function(s.scorer, key="scorer")
-  return "score", lambda c, r: float(fn(c, r)), None
+  return "score", lambda c, r: float(fn(c, r)), None, None
 
 
 def _ks(k: int) -> list[int]:
@@ -77,7 +84,7 @@ def generation(model: EvalModel, reference, rows: Rows, s, cache) -> dict[str, f
   2021; a sample is correct when its score is >= 0.5) and maj@k (majority vote over the
   answers the samples give; not for custom scorers); the mean completion length in tokens."""
   del reference, cache
-  name, score, answer = make_scorer(s)
+  name, score, answer, gold_of = make_scorer(s)
   prompts = prompts_of(model, rows)
   samples = _sample(model, prompts, s)
   scores = np.array([[score(x.text, p.columns) for x in group]
@@ -89,9 +96,18 @@ def generation(model: EvalModel, reference, rows: Rows, s, cache) -> dict[str, f
       out[f"pass@{j}"] = M.mean_pass_at_k(scores >= 0.5, j)
     if answer is not None:
       answers = [[answer(x.text) for x in g] for g in samples]
-      refs = [answer(str(p.columns.get("answer", ""))) for p in prompts]
+      refs = [gold_of(p.columns) for p in prompts]
       out[f"maj@{s.k}"] = M.maj_at_k(answers, refs, s.k)
   return out
+
+
+def greedy_exact_match(model: EvalModel, rows: Rows, *, max_new_tokens: int) -> float:
+  """The fraction of chat rows whose greedy completion equals the answer (stripped): a task's
+  before / after line."""
+  prompts = prompts_of(model, rows)
+  samples = model.generate([p.ids for p in prompts], max_new_tokens=max_new_tokens)
+  return float(np.mean([M.exact_match(g[0].text, str(p.columns["answer"]))
+                        for p, g in zip(prompts, samples)]))
 
 
 def drift(model: EvalModel, reference, rows: Rows, s, cache) -> dict[str, float]:

@@ -43,10 +43,12 @@ def _exact_match(run: Run, state, frozen) -> float | None:
   task = run.cfg.task
   if task is None or not task.exact_match or not run.algorithm.generates:
     return None
-  from jaxpost.evaluation import exact_match  # pylint: disable=import-outside-toplevel
-  model = run.trainable.model(state.params, frozen)
-  return exact_match(run.config, model, run.tokenizer, run.data.exact_match_rows(),
-                     max_new_tokens=task.max_new_tokens)
+  from jaxpost.eval import EvalModel  # pylint: disable=import-outside-toplevel
+  from jaxpost.eval.generation import greedy_exact_match  # pylint: disable=import-outside-toplevel
+  model = EvalModel(run.config, run.trainable.model(state.params, frozen), run.tokenizer,
+                    batch_size=256)
+  return greedy_exact_match(model, run.data.exact_match_rows(),
+                            max_new_tokens=task.max_new_tokens)
 
 
 def _report_data(cfg: RunConfig, source, writer: MetricWriter, step: int) -> None:
