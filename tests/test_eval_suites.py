@@ -1,7 +1,7 @@
 """The evaluation engine and its suites against brute force: every number is recomputed here
-from the training forward's full logits (`jaxpost.models.forward`) on one unpadded row, or from
-the very samples the suite drew (`EvalModel.generate` with the same seed), and compiled
-programs are counted to show that a second checkpoint costs no compilation.
+from the training forward's full logits (`jaxpost.models.forward`, one row at a time, in
+float64), or from the very samples the suite drew (`EvalModel.generate` with the same seed),
+and compiled programs are counted to show that a second checkpoint costs no compilation.
 
 One tiny model (2 layers, width 64, the ChatML sentencepiece tokenizer of `jaxpost.tiny`) and
 one `batch_size` serve every test, so the compiled functions are shared across the module.
@@ -190,12 +190,13 @@ def test_score_equals_brute_force(tiny):
 def test_score_max_length_cuts_the_context_from_the_left(tiny):
   t, rng = tiny, np.random.default_rng(1)
   cut = dataclasses.replace(t.model, max_length=16)
-  ctxs, conts = [random_ids(rng, 30), random_ids(rng, 4)], [random_ids(rng, 5), random_ids(rng, 3)]
+  ctxs = [random_ids(rng, 30), random_ids(rng, 4)]
+  conts = [random_ids(rng, 5), random_ids(rng, 3)]
   got = cut.score(ctxs, conts)
   kept = [ctxs[0][-(16 - 5):], ctxs[1]]  # the long row keeps its last 16 tokens
   for i in range(2):
-    np.testing.assert_allclose(got.logprob[i], brute(t.config, t.params, kept[i], conts[i])[0].sum(),
-                               atol=1e-5, rtol=0)
+    expect = brute(t.config, t.params, kept[i], conts[i])[0].sum()
+    np.testing.assert_allclose(got.logprob[i], expect, atol=1e-5, rtol=0)
   assert abs(got.logprob[0] - t.model.score(ctxs[:1], conts[:1]).logprob[0]) > 1e-3
   with pytest.raises(ValueError, match="no context within max_length=16"):
     cut.score([random_ids(rng, 3)], [random_ids(rng, 16)])
@@ -222,7 +223,8 @@ def test_kl_to_is_the_exact_kl_of_the_full_distributions(tiny):
 def test_another_checkpoint_and_batch_reuse_the_compiled_scorer(tiny):
   t, rng = tiny, np.random.default_rng(3)
   a = ([random_ids(rng, n) for n in (4, 9, 6)], [random_ids(rng, n) for n in (3, 5, 2)])
-  b = ([random_ids(rng, n) for n in (11, 2, 7, 13, 5)], [random_ids(rng, n) for n in (8, 1, 2, 4, 6)])
+  b = ([random_ids(rng, n) for n in (11, 2, 7, 13, 5)],
+       [random_ids(rng, n) for n in (8, 1, 2, 4, 6)])
   first = t.model.score(*a)
   t.model.kl_to(t.ref, *a)
   before = compilations()
@@ -293,6 +295,10 @@ def test_likelihood_is_token_weighted_over_the_scored_parts(tiny):
   np.testing.assert_allclose(got["perplexity"], math.exp(-total / tokens), rtol=1e-6)
 
 
+def prompt_of(row):
+  return row.get("prompt", row.get("question", row.get("messages")))
+
+
 def _ece(conf, correct, bins=10):
   which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # (i/10, (i+1)/10] -> i
   return sum(np.mean(which == b) * abs(np.mean(correct[which == b]) - np.mean(conf[which == b]))
@@ -308,7 +314,7 @@ def test_multiple_choice_accuracy_and_calibration(tiny):
       {"prompt": "the quick brown\n", "choices": ["fox", "dog jumps over"]},
       {"prompt": [user("what is two plus three")], "choices": ["five", "answer five", "two"]},
   ]
-  lls = [np.array([logp(t, t.params, suites_prompt(r), c) for c in r["choices"]]) for r in rows]
+  lls = [np.array([logp(t, t.params, prompt_of(r), c) for c in r["choices"]]) for r in rows]
   golds = [int(np.argmax(ll)) if i % 2 == 0 else int(np.argmin(ll)) for i, ll in enumerate(lls)]
   for i, (r, g) in enumerate(zip(rows, golds)):
     r["answer"] = g if i < 3 else r["choices"][g]  # an index, or the right choice's text
@@ -324,10 +330,6 @@ def test_multiple_choice_accuracy_and_calibration(tiny):
   np.testing.assert_allclose(got["ece"], _ece(conf, acc.astype(float)), atol=1e-6, rtol=0)
   np.testing.assert_allclose(got["brier"], brier, atol=1e-6, rtol=0)
   assert 0 < got["ece"] < 1 and 0 < got["brier"] < 2
-
-
-def suites_prompt(row):
-  return row.get("prompt", row.get("question", row.get("messages")))
 
 
 def test_multiple_choice_bad_rows_name_the_row(tiny, tmp_path):
@@ -363,15 +365,16 @@ def test_preference_accuracy_margin_and_probe_flips(tiny):
   ]
 
   def side(params, r, key):
-    return logp(t, params, r["prompt"], suites._assistant(r[key]))
+    text = r[key] if isinstance(r[key], str) else r[key][-1]["content"]
+    return logp(t, params, r["prompt"], text)
 
-  c, r_ = (np.array([side(t.params, r, k) for r in rows]) for k in ("chosen", "rejected"))
-  rc, rr = (np.array([side(t.other, r, k) for r in rows]) for k in ("chosen", "rejected"))
+  c, r = (np.array([side(t.params, x, k) for x in rows]) for k in ("chosen", "rejected"))
+  rc, rr = (np.array([side(t.other, x, k) for x in rows]) for k in ("chosen", "rejected"))
   s, cache = suite("preference", beta=beta), {}
   alone = suites.preference(t.model, None, rows, s, {})
-  assert alone == {"logp_accuracy": float(np.mean(c > r_))}
+  assert alone == {"logp_accuracy": float(np.mean(c > r))}
   got = suites.preference(t.model, t.ref, rows, s, cache)
-  margin = beta * ((c - rc) - (r_ - rr))
+  margin = beta * ((c - rc) - (r - rr))
   assert got["logp_accuracy"] == alone["logp_accuracy"]
   assert got["accuracy"] == np.mean(margin > 0)
   # each of the four summed log-probs of a row is within 1e-5 of the brute force
@@ -384,7 +387,7 @@ def test_preference_accuracy_margin_and_probe_flips(tiny):
   flips = suites.probe_flips(t.model, t.ref, probes, {})
   ref_margin = np.append(rc - rr, side(t.other, probes[-1], "chosen") -
                          side(t.other, probes[-1], "rejected"))
-  model_margin = np.append(c - r_, side(t.params, probes[-1], "chosen") -
+  model_margin = np.append(c - r, side(t.params, probes[-1], "chosen") -
                            side(t.params, probes[-1], "rejected"))
   flipped = (ref_margin > 0) != (model_margin > 0)
   assert flipped[-1] and not flipped.all()  # the perturbation turned the last probe round
