@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -531,8 +532,11 @@ def test_critic_from_a_reward_model_folder_or_run(tmp_path):
 
 def test_config_errors_and_one_sample_per_prompt(tmp_path):
   path = _recipe(tmp_path, "cfg")
-  with pytest.raises(ConfigError, match="PPO's critic under PEFT is not supported"):
-    load_config(path, ["lora.rank=4"])
+  with pytest.raises(ConfigError, match="prompt / prefix tuning has none"):
+    load_config(path, ["prompt.kind=prompt"])
+  with pytest.raises(ConfigError, match="second base in memory"):
+    load_config(path, ["lora.rank=4", "rl.critic_from=runs/rm"])
+  assert load_config(path, ["lora.rank=4"]).lora.rank == 4  # a LoRA critic
   with pytest.raises(ConfigError, match="rl.kl_coef"):
     load_config(path, ["rl.beta=0.1"])
   with pytest.raises(ConfigError, match="lam must be in"):
@@ -574,15 +578,19 @@ def _final_state(run_dir):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_mid_rollout_gives_the_same_policy_critic_and_kl(tmp_path):
+@pytest.mark.parametrize("peft", [[], ["lora.rank=4"]])
+def test_resume_after_sigkill_mid_rollout_gives_the_same_policy_critic_and_kl(tmp_path, peft):
   """Killed after step 3's checkpoint, in the middle of a rollout's 2 x 2 updates, with the
   critic's warm-up and the adaptive KL coefficient: the rerun ends with the uninterrupted run's
   policy, critic and coefficient, bit for bit."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   overrides = ["rl.num_iterations=2", "rl.mini_batches=2", "rl.adaptive_kl=true",
                "rl.kl_horizon=50", "rl.target_kl=0.01", "rl.value_warmup_steps=2"]
+  suffix = "\nlora: {rank: 4}\n" if peft else ""
   straight = _recipe(tmp_path, "straight", steps=8, every=3, overrides=overrides)
   killed = _recipe(tmp_path, "killed", steps=8, every=3, overrides=overrides)
+  for path in (straight, killed):
+    path.write_text(path.read_text() + suffix)
   proc = subprocess.run([sys.executable, "-m", "jaxpost.cli", "train", str(straight)], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -600,6 +608,42 @@ def test_resume_after_sigkill_mid_rollout_gives_the_same_policy_critic_and_kl(tm
   for x, y in zip(jax.tree.leaves(pa[CRITIC]), jax.tree.leaves(pb[CRITIC])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert da["ppo"]["kl_coef"] == db["ppo"]["kl_coef"] != 0.05  # it moved, and identically
+
+
+def test_lora_critic_shares_the_frozen_base_and_trains(tmp_path):
+  """Under LoRA the critic is LoRA adapters on the policy's own frozen base plus a value head:
+  one base in memory; at the start the critic's trunk is the base; a short run trains the
+  critic's adapters and value head; 1 and 2 micro-batches give the same update; the export is
+  the merged policy alone plus its PEFT adapter."""
+  from jaxpost.models import load_hf
+  from jaxpost.train.build import build
+  from jaxpost.train.trainer import train
+  cfg = load_config(_recipe(tmp_path, "lora"), ["lora.rank=4", "rl.value_warmup_steps=1"])
+  run = build(cfg)
+  state, frozen = run.init_state()
+  tree = state.params
+  assert set(tree[CRITIC]) == {"adapters", "value"} and CRITIC not in frozen.base
+  assert set(tree[CRITIC]["adapters"]) == set(policy_of(tree))
+  model = run.trainable.model(tree, frozen)
+  assert "lm_head" not in model[CRITIC] and model[CRITIC]["embed"] is frozen.base["embed"]
+  tokens = jnp.asarray([[1, 5, 9, 4]])
+  v_lora = critic_values(run.config, model[CRITIC], tokens)
+  v_base = critic_values(run.config, {**frozen.base, VALUE: tree[CRITIC][VALUE]}, tokens)
+  np.testing.assert_allclose(np.asarray(v_lora), np.asarray(v_base), atol=1e-6)
+  assert "critic" in run.trainable.describe.lower()
+
+  finals = {}
+  for micro in (1, 2):
+    summary = train(load_config(_recipe(tmp_path, f"m{micro}", steps=2),
+                                ["lora.rank=4", f"train.micro_batches={micro}"]))
+    assert summary["final_model"]
+    run_dir = tmp_path / f"m{micro}"
+    finals[micro] = _final_state(run_dir)[0]
+    config, params = load_hf(run_dir / "final")
+    assert CRITIC not in params and (run_dir / "adapter").is_dir()
+  b = finals[1][CRITIC]["adapters"]
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(b))  # the critic trained
+  chex.assert_trees_all_close(finals[1], finals[2], atol=2e-5)
 
 
 def test_the_reference_copies_the_policy_not_the_critic(tmp_path):

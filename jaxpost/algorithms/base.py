@@ -139,6 +139,8 @@ class Algorithm:
     export: `export(model_params, folder)` writes the model (default: the trainable's export:
       a Hugging Face causal LM, merged adapters and a PEFT adapter folder).
     generates: whether the trained model is a language model (a task's exact match applies).
+    wrap_trainable: `wrap_trainable(trainable) -> trainable`, for an algorithm that trains
+      more than the model under PEFT (PPO's LoRA critic beside the policy's adapters).
   """
 
   name: str
@@ -154,6 +156,7 @@ class Algorithm:
   eval_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
   export: Callable[[Any, Any], Iterable[Any]] | None = None
   generates: bool = True
+  wrap_trainable: Callable[[Any], Any] | None = None
 
 
 def mix_reference(alpha: float) -> Callable[[Any, Any], Any]:

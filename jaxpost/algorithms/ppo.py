@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,56 @@ def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   return objective(logps_BxT, values_BxT)
 
 
+@dataclasses.dataclass
+class LoraCritic:
+  """A LoRA trainable (`jaxpost.train.trainable.Lora`) with PPO's critic beside it: the critic
+  is its own LoRA adapters on the *same* frozen base (no second base in memory) plus a value
+  head, trained by the same step and optimizer. The trained tree is
+
+      {**policy_adapters, "critic": {"adapters": critic_adapters, "value": w_D}}
+
+  and `model` gives `{**policy, "critic": {**trunk, "value": w_D}}` as under full fine-tuning,
+  so `ppo_loss` and the rollout are unchanged. Both adapter sets start at B = 0: the critic's
+  trunk starts as the base's. Export and reference are the policy's (`inner`'s)."""
+
+  inner: Any
+
+  def __getattr__(self, name):  # kind, describe, lora, config, ... of the inner trainable
+    if name == "inner":
+      raise AttributeError(name)
+    return getattr(self.inner, name)
+
+  @property
+  def shardings(self):
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+    inner = self.inner.shardings
+    return {**inner, CRITIC: {"adapters": inner,
+                              VALUE: NamedSharding(self.inner.mesh, PartitionSpec())}}
+
+  def init(self, params, rng, **kw):
+    from jaxpost.peft import init_lora  # pylint: disable=import-outside-toplevel
+    from jaxpost.reward import init_score  # pylint: disable=import-outside-toplevel
+    adapters, frozen = self.inner.init(params, rng, **kw)
+    critic = jax.jit(lambda k, b: init_lora(self.config, self.lora, k, self.inner.dtype, base=b),
+                     out_shardings=self.inner.shardings)(jax.random.fold_in(rng, 7), frozen.base)
+    value = init_score(self.config, jax.random.fold_in(rng, 8), dtype=self.inner.dtype)
+    self.inner.describe += " (+ a LoRA critic of the same rank and a value head)"
+    return {**adapters, CRITIC: {"adapters": critic, VALUE: value}}, frozen
+
+  def model(self, tree, frozen, dropout_key=None):
+    from jaxpost.peft import attach_lora  # pylint: disable=import-outside-toplevel
+    policy = self.inner.model(policy_of(tree), frozen, dropout_key)
+    trunk = attach_lora(frozen.base, tree[CRITIC]["adapters"], self.lora, dropout_key)
+    critic = {k: v for k, v in trunk.items() if k != "lm_head"}
+    return {**policy, CRITIC: {**critic, VALUE: tree[CRITIC][VALUE]}}
+
+  def reference(self, tree, frozen):
+    return self.inner.reference(policy_of(tree), frozen)
+
+  def export(self, tree, frozen, out_dir, model_dir) -> None:
+    self.inner.export(policy_of(tree), frozen, out_dir, model_dir)
+
+
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> list[str]:
   """The fields in which two configs' forward passes differ (token ids and names aside)."""
   skip = {"model_type", "bos_token_id", "eos_token_id", "pad_token_id", "hf_source",
@@ -236,7 +287,11 @@ def make(run) -> Algorithm:
       on_policy=rl.num_iterations * rl.mini_batches == 1,
       clip_high=rl.clip_high, dual_clip=rl.dual_clip, **run.model_kwargs)
 
+  lora = run.cfg.lora is not None
+
   def init(params, rng):
+    if lora:  # the critic is LoRA on the same base (`LoraCritic`), made by the trainable
+      return params
     reward_model = None
     if rl.critic_from != "policy":
       if not Path(rl.critic_from).exists() and _has_checkpoint(run):
@@ -263,4 +318,6 @@ def make(run) -> Algorithm:
   return Algorithm(name="ppo", loss=lambda params, batch, rng, frozen: loss(params, batch, rng),
                    batches=batches, headline="reward", needs_reference=True,
                    reference_of=policy_of, init=init,
-                   param_specs=ppo_param_specs, export=export)
+                   param_specs=None if lora else ppo_param_specs,
+                   export=None if lora else export,
+                   wrap_trainable=LoraCritic if lora else None)

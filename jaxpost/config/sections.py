@@ -450,9 +450,14 @@ class RunConfig:
       self.rl.validate_advantage("rl.")
     if self.algorithm == "ppo":
       rl = self.rl
-      _require(self.lora is None and self.prompt is None,
-               "algorithm=ppo trains the whole model: PPO's critic under PEFT is not supported "
-               "yet; remove the lora / prompt section")
+      _require(self.prompt is None,
+               "algorithm=ppo's critic needs the model's weights to train (full fine-tuning, or "
+               "LoRA: a LoRA critic on the same base); prompt / prefix tuning has none: remove "
+               "the prompt section or use lora")
+      _require(self.lora is None or rl.critic_from == "policy",
+               f"algorithm=ppo under LoRA trains a LoRA critic on the policy's own base; "
+               f"rl.critic_from={rl.critic_from} (a reward model) would be a second base in "
+               "memory: use rl.critic_from=policy, or full fine-tuning")
       _require(rl.beta == 0,
                f"algorithm=ppo puts the KL penalty in the reward (rl.kl_coef); rl.beta={rl.beta} "
                "is GRPO's KL loss term: leave it 0")

@@ -206,6 +206,8 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
   specs = (algorithm.param_specs or param_specs)(config)
   p_shard = sharding_lib.param_shardings(specs, mesh)
   run.trainable = make_trainable(cfg, config, p_shard, mesh, tokenizer=run.tokenizer, log=log)
+  if algorithm.wrap_trainable is not None:
+    run.trainable = algorithm.wrap_trainable(run.trainable)
   run.tree, run.frozen = run.trainable.init(
       params, run.rng, reference=training and algorithm.needs_reference,
       moving_reference=algorithm.moving_reference, reference_of=algorithm.reference_of)
