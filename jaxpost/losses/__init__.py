@@ -7,6 +7,8 @@ users composing their own losses. The RL pieces (`jaxpost.losses.rl`) are functi
 log-probs: advantage estimators, `kl_penalty`, `policy_loss` and `value_loss`.
 """
 
+from jaxpost.losses.distill import (chunked_divergence, distill_batch_loss, distill_loss,
+                                    token_divergence)
 from jaxpost.losses.dpo import dpo_loss, kto_loss, pair_logps, sequence_scores
 from jaxpost.losses.preference import LOSS_TYPES, preference_loss, weighted_mean
 from jaxpost.losses.preference import kto_loss as kto_objective
@@ -25,7 +27,8 @@ from jaxpost.losses.rl import (
 from jaxpost.losses.sft import sft_loss
 from jaxpost.losses.tokens import sequence_logprobs, target_logprobs
 
-__all__ = ["AGGREGATIONS", "KL_KINDS", "LOSS_TYPES", "dpo_loss", "gae", "group_advantages",
+__all__ = ["AGGREGATIONS", "KL_KINDS", "LOSS_TYPES", "chunked_divergence", "distill_batch_loss",
+           "distill_loss", "dpo_loss", "token_divergence", "gae", "group_advantages",
            "kl_penalty", "kto_loss", "kto_objective", "masked_whiten", "pair_logps",
            "policy_loss", "preference_loss", "reinforce_pp_advantages", "rloo_advantages",
            "sequence_logprobs", "sequence_scores", "sft_loss", "target_logprobs", "value_loss",

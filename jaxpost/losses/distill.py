@@ -1,0 +1,122 @@
+"""Knowledge distillation: divergences between the student's and the teacher's next-token
+distributions, per token, and the batch loss that never holds full [B, T, V] logits.
+
+    loss = distill_loss(student_logits, teacher_logits, mask, kind="jsd", beta=0.5)
+    loss, metrics = distill_batch_loss(params, batch, rng, frozen, config=student_config,
+                                       teacher_config=teacher_config, kind="forward_kl")
+
+`kind` (with p_T, p_S the tempered teacher and student distributions, softmax(logits / tau)):
+
+    forward_kl   KL(p_T || p_S) = sum_v p_T (log p_T - log p_S)   (Hinton et al. 2015; mode covering)
+    reverse_kl   KL(p_S || p_T)                                    (MiniLLM; mode seeking)
+    jsd          beta KL(p_T || M) + (1 - beta) KL(p_S || M),  M = beta p_T + (1 - beta) p_S
+                 (the generalized Jensen-Shannon divergence of GKD, Agarwal et al. 2024,
+                 arXiv 2306.13649, eq. 1; beta = 0 and beta = 1 are taken as forward and
+                 reverse KL, as TRL's `GKDTrainer.generalized_jsd_loss` defines them)
+
+The loss is the token mean over the mask of the per-token divergence summed over the
+vocabulary: TRL's "batchmean" over the labelled tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.losses.fused_nll import token_nll
+from jaxpost.losses.tokens import chunked
+from jaxpost.models import ModelConfig, forward, lm_head
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
+  """KL(p || q) over the last axis from log-probabilities; 0 where p is 0."""
+  p = jnp.exp(logp)
+  return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+
+
+def token_divergence(student_logp: jax.Array, teacher_logp: jax.Array, *, kind: str = "jsd",
+                     beta: float = 0.5) -> jax.Array:
+  """The divergence `kind` (module docstring) between two distributions given as
+  log-probabilities over the last axis: [..., V] -> [...]."""
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f"beta must be in [0, 1], got {beta}")
+  if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+    return _kl(teacher_logp, student_logp)
+  if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+    return _kl(student_logp, teacher_logp)
+  mixture = jnp.logaddexp(student_logp + math.log(1.0 - beta), teacher_logp + math.log(beta))
+  return beta * _kl(teacher_logp, mixture) + (1.0 - beta) * _kl(student_logp, mixture)
+
+
+def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,
+                 kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0) -> jax.Array:
+  """The token mean over `mask` [B, T] of `token_divergence` between softmax(student_logits
+  / temperature) and softmax(teacher_logits / temperature), logits [B, T, V]. Equals TRL's
+  `GKDTrainer.generalized_jsd_loss(..., reduction="batchmean")` with labels masked where
+  `mask` is 0. (Training uses `distill_batch_loss`, which chunks the vocabulary work.)"""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  d = token_divergence(s, t, kind=kind, beta=beta)
+  m = mask.astype(jnp.float32)
+  return jnp.sum(d * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def chunked_divergence(config: ModelConfig, params, hidden_BxTxD: jax.Array,
+                       teacher_config: ModelConfig, teacher_params, teacher_hidden_BxTxD,
+                       mask_BxT: jax.Array, *, kind: str, beta: float, temperature: float,
+                       chunk: int = 256) -> jax.Array:
+  """The summed divergence over the masked positions, computing both models' logits `chunk`
+  positions at a time under `jax.checkpoint`: memory is [B, chunk, V] per model, never
+  [B, T, V] (the backward recomputes one chunk's logits at a time). The teacher gets no
+  gradient."""
+  h_s, h_t, m = chunked(chunk, hidden_BxTxD, teacher_hidden_BxTxD,
+                        mask_BxT.astype(jnp.float32))
+
+  @jax.checkpoint
+  def one(total, xs):
+    hs, ht, mk = xs
+    ls = lm_head(config, params, hs).astype(jnp.float32) / temperature
+    lt = lm_head(teacher_config, teacher_params, ht).astype(jnp.float32) / temperature
+    d = token_divergence(jax.nn.log_softmax(ls, -1),
+                         jax.lax.stop_gradient(jax.nn.log_softmax(lt, -1)), kind=kind, beta=beta)
+    return total + jnp.sum(d * mk), None
+
+  total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h_s, h_t, m))
+  return total
+
+
+def distill_batch_loss(params, batch: dict, rng: jax.Array, teacher_params, *,
+                       config: ModelConfig, teacher_config: ModelConfig, kind: str = "jsd",
+                       beta: float = 0.5, temperature: float = 1.0, sft_weight: float = 0.0,
+                       chunk: int = 256, compute_dtype=None, remat: bool = False):
+  """Distillation on a batch of rows (`tokens`, `targets`, `loss_mask`, `segment_ids`,
+  `positions` [B, T]; packed or not): `(loss, metrics)` with
+
+      loss = divergence (token mean over loss_mask) + sft_weight * cross-entropy (token mean)
+
+  The teacher runs in the same step on the same rows without gradient; it may be another
+  size or family (`teacher_config`) with the same vocabulary. `metrics["weight"]` is the
+  token count (exact accumulation over micro-batches)."""
+  del rng
+  rows = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
+              compute_dtype=compute_dtype, compute_logits=False)
+  hidden = forward(config, params, batch["tokens"], remat=remat, **rows).final_hidden
+  teacher = jax.lax.stop_gradient(teacher_params)
+  t_hidden = jax.lax.stop_gradient(forward(teacher_config, teacher, batch["tokens"],
+                                           **rows).final_hidden)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  div = chunked_divergence(config, params, hidden, teacher_config, teacher, t_hidden, mask,
+                           kind=kind, beta=beta, temperature=temperature, chunk=chunk) / tokens
+  loss, metrics = div, {"divergence": jax.lax.stop_gradient(div), "weight": jnp.sum(mask)}
+  if sft_weight:
+    nll = token_nll(config, params, hidden, batch["targets"], mask) / tokens
+    loss = loss + sft_weight * nll
+    metrics["nll"] = jax.lax.stop_gradient(nll)
+  return loss, metrics
