@@ -34,7 +34,7 @@ def _lazy(module: str, factory: str = "make") -> Callable[[Any], Algorithm]:
 ALGORITHMS: dict[str, Callable[[Any], Algorithm]] = {
     "sft": _lazy("sft"), "dpo": _lazy("preference", "make_dpo"),
     "kto": _lazy("preference", "make_kto"), "reward": _lazy("reward"), "grpo": _lazy("grpo"),
-    "online_dpo": _lazy("online_dpo"), "ppo": _lazy("ppo")}
+    "online_dpo": _lazy("online_dpo"), "ppo": _lazy("ppo"), "distill": _lazy("distill")}
 
 
 def register(name: str, factory: Callable[[Any], Algorithm]) -> None:

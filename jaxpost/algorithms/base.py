@@ -141,6 +141,8 @@ class Algorithm:
     generates: whether the trained model is a language model (a task's exact match applies).
     wrap_trainable: `wrap_trainable(trainable) -> trainable`, for an algorithm that trains
       more than the model under PEFT (PPO's LoRA critic beside the policy's adapters).
+    frozen_teacher: `frozen_teacher() -> (params, shardings)`, a frozen model the loss reads
+      as `frozen.teacher` (distillation); loaded only when training.
   """
 
   name: str
@@ -157,6 +159,7 @@ class Algorithm:
   export: Callable[[Any, Any], Iterable[Any]] | None = None
   generates: bool = True
   wrap_trainable: Callable[[Any], Any] | None = None
+  frozen_teacher: Callable[[], tuple[Any, Any]] | None = None
 
 
 def mix_reference(alpha: float) -> Callable[[Any, Any], Any]:

@@ -22,11 +22,12 @@ def perplexity(metrics: dict[str, float]) -> dict[str, float]:
   return {**metrics, "perplexity": float(np.exp(min(metrics["loss"], 50.0)))}
 
 
-def sft_batches(run, split: str, kind: str = "sft") -> Offline | None:
+def sft_batches(run, split: str, kind: str = "sft", path: str | None = None) -> Offline | None:
   """The run's SFT batches of `split` (None where the run has no such data): shuffled and
-  endless for "train", one pass padded to full batches for "eval"."""
+  endless for "train", one pass padded to full batches for "eval". `path` replaces the
+  run's file of that split (e.g. seq-KD's teacher answers)."""
   d, t = run.cfg.data, run.cfg.train
-  path = run.data.path(kind, split)
+  path = path or run.data.path(kind, split)
   if path is None:
     return None
   training = split == "train"

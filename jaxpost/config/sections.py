@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxpost.config.distill import DistillSection
 from jaxpost.config.eval import EvalSection
 from jaxpost.config.rl import RLSection
 from jaxpost.config.sections_base import ConfigError, Section, _require  # noqa: F401 (re-exported)
 
 
-Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo", "online_dpo", "ppo"]
+Algorithm = Literal["sft", "reward", "dpo", "kto", "grpo", "online_dpo", "ppo", "distill"]
 PreferenceLoss = Literal["sigmoid", "hinge", "ipo", "cdpo", "robust", "simpo", "orpo"]
 Dtype = Literal["float32", "bfloat16"]
 DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
@@ -396,6 +397,7 @@ class RunConfig:
   reward: RewardSection = dataclasses.field(default_factory=RewardSection)
   reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
   rl: RLSection = dataclasses.field(default_factory=RLSection)
+  distill: DistillSection = dataclasses.field(default_factory=DistillSection)
   eval: EvalSection | None = None  # suites run in the loop (jaxpost.eval)
 
   def makes_own_data(self) -> bool:
@@ -448,6 +450,8 @@ class RunConfig:
                "reference: section at its defaults")
     if self.algorithm == "grpo":
       self.rl.validate_advantage("rl.")
+    _require(self.algorithm != "distill" or self.distill.teacher is not None,
+             "algorithm=distill needs distill.teacher (a Hugging Face folder or a run folder)")
     if self.algorithm == "ppo":
       rl = self.rl
       _require(self.prompt is None,

@@ -212,6 +212,10 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
       params, run.rng, reference=training and algorithm.needs_reference,
       moving_reference=algorithm.moving_reference, reference_of=algorithm.reference_of)
   run.frozen_shardings = run.trainable.frozen_shardings(run.frozen)
+  if training and algorithm.frozen_teacher is not None:
+    teacher, teacher_shardings = algorithm.frozen_teacher()
+    run.frozen = run.frozen.replace(teacher=teacher)
+    run.frozen_shardings = run.frozen_shardings.replace(teacher=teacher_shardings)
   run.optimizer, run.schedule = make_optimizer(cfg.optim, cfg.train.steps)
   run.state_shardings = state_shardings(run.trainable.shardings, run.tree, run.optimizer, mesh)
   return run
