@@ -104,10 +104,10 @@ def test_seq_kd_writes_the_teachers_answers_once(tmp_path, teacher):
   assert path.stat().st_mtime_ns == stamp  # reused after a restart, not regenerated
 
 
-@pytest.mark.parametrize("overrides", [["lora.rank=4"], ["distill.quantize=int8"]])
-def test_lora_student_and_quantised_teacher(tmp_path, teacher, overrides):
+def test_lora_student_and_quantised_teacher(tmp_path, teacher):
   from jaxpost.train.trainer import train
-  summary = train(load_config(_recipe(tmp_path, "v", teacher), overrides))
+  summary = train(load_config(_recipe(tmp_path, "v", teacher),
+                              ["lora.rank=4", "distill.quantize=int8"]))
   rows = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite([r["train/divergence"] for r in rows if "train/divergence" in r]).all()
   assert Path(summary["final_model"]).is_dir()

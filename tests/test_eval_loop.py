@@ -307,12 +307,15 @@ def test_eval_on_its_own_mesh_matches_one_device(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("peft", ["lora.rank=4 lora.dora=true", "lora.rank=4 lora.quantize=int8",
-                                  "prompt.kind=prefix prompt.num_tokens=4"])
+@pytest.mark.parametrize("peft", [["lora.rank=4", "lora.dora=true", "lora.quantize=int8"],
+                                  ["prompt.kind=prefix", "prompt.num_tokens=4"]])
 def test_eval_peft_runs_with_their_adapters_attached(trained, tmp_path, peft):
-  """A LoRA / DoRA / QLoRA / prefix run is evaluated with its trained adapters attached to the
-  base (not merged), against the base with the adapters off: the checkpoint's numbers differ
-  from the base's, and for LoRA equal those of the merged export (`final/`)."""
+  """A DoRA-over-int8 (QLoRA) / prefix run is evaluated with its trained adapters attached to
+  the base (not merged), against the base with the adapters off: the checkpoint's numbers
+  differ from the base's; for LoRA they equal those of the merged export (`final/`) within the
+  int8 dequantisation's rounding."""
+  from jaxpost.eval.command import run_eval
+  from jaxpost.train.trainer import train
   tmp, ev = trained
   recipe = tmp_path / "run.yaml"
   base = tmp / "run" / "final"
@@ -320,20 +323,20 @@ def test_eval_peft_runs_with_their_adapters_attached(trained, tmp_path, peft):
                     .replace("model: {tiny: true, tiny_hidden_size: 32, tiny_num_layers: 2}",
                              f"model: {{path: {base}}}")
                     .replace("lr: 3.0e-3", "lr: 3.0e-2"))
-  proc = _cli("train", str(recipe), *peft.split())
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = _cli("eval", str(ev), f"model={tmp_path / 'run'}", f"out_dir={tmp_path / 'e'}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  train(load_config(recipe, peft))
+  run_eval(load_config(ev, [f"model={tmp_path / 'run'}", f"out_dir={tmp_path / 'e'}"],
+                       root=EvalConfig), log=lambda m: None)
   ref, ckpt = _ledger(tmp_path / "e")
   assert ref["step"] == 0 and ckpt["step"] == 4
   assert ckpt["eval/heldout/nll"] != pytest.approx(ref["eval/heldout/nll"], abs=1e-4)
   assert ckpt["eval/drift/kl"] > 0
-  if peft.startswith("lora") and "quantize" not in peft:
+  if peft[0].startswith("lora"):
     data = tmp_path / "run" / "data" / "eval.jsonl"
     merged = tmp_path / "merged.yaml"
     merged.write_text(f"model: {tmp_path / 'run' / 'final'}\nreference: null\nbatch_size: 8\n"
                       f"suites:\n  heldout: {{kind: likelihood, data: {data}}}\n")
-    proc = _cli("eval", str(merged), f"out_dir={tmp_path / 'm'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_eval(load_config(merged, [f"out_dir={tmp_path / 'm'}"], root=EvalConfig),
+             log=lambda m: None)
     (m,) = _ledger(tmp_path / "m")
-    assert m["eval/heldout/nll"] == pytest.approx(ckpt["eval/heldout/nll"], abs=1e-5)
+    # merging dequantises the int8 base once (in float32), attaching does it per layer
+    assert m["eval/heldout/nll"] == pytest.approx(ckpt["eval/heldout/nll"], abs=1e-3)
