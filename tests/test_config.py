@@ -125,7 +125,7 @@ def test_mapping_where_a_scalar_belongs(recipe):
     ("model.dtype=fp16", "'float32', 'bfloat16'"),
     ("model.compute_dtype=fp16", "'float32', 'bfloat16' or null"),
     ("checkpoint.best_mode=lowest", "'min', 'max'"),
-    ("algorithm=a2c", "'sft', 'reward', 'dpo', 'kto', 'grpo', 'online_dpo', 'ppo'"),
+    ("algorithm=a2c", "'sft', 'reward', 'dpo', 'kto', 'grpo', 'online_dpo', 'ppo', 'distill'"),
 ])
 def test_bad_choice_lists_allowed_values(recipe, override, allowed):
   key, _, value = override.partition("=")
