@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import chex
 import jax
 import numpy as np
 import pytest
+from kill_after_checkpoint import WRAPPER
 
 from jaxpost.config import ConfigError, load_config
 
@@ -142,24 +142,6 @@ def test_config_and_tokenizer_errors(tmp_path, teacher):
   # a tokenizer trained on other text: one error naming both folders
   with pytest.raises(ConfigError, match=r"student's tokenizer \(.*\) and the teacher's \(.*\)"):
     build(load_config(path, ["task.max_operand=7", f"run_dir={tmp_path / 'other'}"]))
-
-
-WRAPPER = textwrap.dedent("""\
-    import os, signal, sys
-    from jaxpost.train import hooks
-    kill_at, recipe = int(sys.argv[1]), sys.argv[2]
-    real = hooks.Checkpoint.after_step
-
-    def after_step(self, info):
-      real(self, info)
-      if info.step == kill_at:
-        self.checkpointer.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    hooks.Checkpoint.after_step = after_step
-    from jaxpost.cli import main
-    sys.exit(main(["train", recipe]))
-    """)
 
 
 @pytest.mark.slow

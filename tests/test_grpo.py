@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kill_after_checkpoint import WRAPPER
 
 from jaxpost.config import ConfigError, load_config
 
@@ -190,24 +191,6 @@ def test_a_raising_reward_function_stops_the_run_naming_it(tmp_path):
 def test_rollout_batches_must_hold_whole_groups(tmp_path):
   with pytest.raises(ConfigError, match="multiple of rl.num_generations"):
     load_config(_recipe(tmp_path, "bad"), ["rl.num_generations=3"])
-
-
-WRAPPER = textwrap.dedent("""\
-    import os, signal, sys
-    from jaxpost.train import hooks
-    kill_at, recipe = int(sys.argv[1]), sys.argv[2]
-    real = hooks.Checkpoint.after_step
-
-    def after_step(self, info):
-      real(self, info)
-      if info.step == kill_at:
-        self.checkpointer.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    hooks.Checkpoint.after_step = after_step
-    from jaxpost.cli import main
-    sys.exit(main(["train", recipe]))
-    """)
 
 
 @pytest.mark.slow

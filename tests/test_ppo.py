@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from kill_after_checkpoint import WRAPPER
 from devices import run_on_8_cpu_devices
 
 from jaxpost.algorithms.ppo import (CRITIC, VALUE, critic_values, policy_of, ppo_loss,
@@ -545,24 +546,6 @@ def test_config_errors_and_one_sample_per_prompt(tmp_path):
   assert load_config(path, ["rl.num_generations=1"]).rl.num_generations == 1  # PPO needs no group
   with pytest.raises(ConfigError, match="advantage=group needs"):  # GRPO does
     load_config(path, ["algorithm=grpo", "rl.num_generations=1"])
-
-
-WRAPPER = textwrap.dedent("""\
-    import os, signal, sys
-    from jaxpost.train import hooks
-    kill_at, recipe = int(sys.argv[1]), sys.argv[2]
-    real = hooks.Checkpoint.after_step
-
-    def after_step(self, info):
-      real(self, info)
-      if info.step == kill_at:
-        self.checkpointer.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    hooks.Checkpoint.after_step = after_step
-    from jaxpost.cli import main
-    sys.exit(main(["train", recipe]))
-    """)
 
 
 def _final_state(run_dir):
