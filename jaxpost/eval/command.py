@@ -38,6 +38,14 @@ def _mesh_shape(cfg: EvalConfig) -> tuple[int, int, int]:
   return data, cfg.mesh_fsdp, cfg.mesh_tensor
 
 
+def ledger_reference(out_dir: Path) -> dict[str, float]:
+  """The reference's results (step 0) in the ledger `out_dir/metrics.jsonl`, or {} (what
+  `retention` divides by, after a restart)."""
+  if not (Path(out_dir) / "metrics.jsonl").exists():
+    return {}
+  return {k: v for r in read_metrics(out_dir) if r["step"] == 0 for k, v in r.items()}
+
+
 def done_steps(out_dir: Path) -> set[int]:
   """The steps already in the ledger `out_dir/metrics.jsonl`."""
   if not (out_dir / "metrics.jsonl").exists():
@@ -96,8 +104,7 @@ class Session:
     if self.reference_params is None:
       return
     if 0 in done:
-      self.evaluator.reference_results = {
-          k: v for r in read_metrics(self.out_dir) if r["step"] == 0 for k, v in r.items()}
+      self.evaluator.reference_results = ledger_reference(self.out_dir)
       return
     self.evaluate(0, self.reference_params, is_reference=True)
     done.add(0)

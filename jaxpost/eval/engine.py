@@ -49,10 +49,12 @@ def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
 @dataclasses.dataclass
 class Scored:
   """Per row: summed log-prob of the continuation, whether every continuation token is the
-  model's argmax (lm-eval's `is_greedy`), and its number of tokens."""
+  model's argmax (lm-eval's `is_greedy`), its number of tokens, and (with `per_token`) its
+  token log-probs."""
   logprob: np.ndarray
   greedy: np.ndarray
   length: np.ndarray
+  tokens: list | None = None
 
 
 @dataclasses.dataclass
@@ -188,10 +190,7 @@ class EvalModel:
       if per_token:
         for j, i in enumerate(idx):
           tokens[i] = per[j][rows["mask"][j]]
-    out = Scored(logprob, greedy, length)
-    if per_token:
-      out.tokens = tokens  # type: ignore[attr-defined]
-    return out
+    return Scored(logprob, greedy, length, tokens if per_token else None)
 
   def kl_to(self, reference: EvalModel, contexts: Sequence[Sequence[int]],
             continuations: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

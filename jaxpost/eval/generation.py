@@ -104,10 +104,9 @@ def generation(model: EvalModel, reference, rows: Rows, s, cache) -> dict[str, f
 def greedy_exact_match(model: EvalModel, rows: Rows, *, max_new_tokens: int) -> float:
   """The fraction of chat rows whose greedy completion equals the answer (stripped): a task's
   before / after line."""
-  prompts = prompts_of(model, rows)
-  samples = model.generate([p.ids for p in prompts], max_new_tokens=max_new_tokens)
-  return float(np.mean([M.exact_match(g[0].text, str(p.columns["answer"]))
-                        for p, g in zip(prompts, samples)]))
+  from jaxpost.config import SuiteSection  # pylint: disable=import-outside-toplevel
+  section = SuiteSection(kind="generation", scorer="exact", max_new_tokens=max_new_tokens)
+  return generation(model, None, rows, section, {})["exact_match"]
 
 
 def drift(model: EvalModel, reference, rows: Rows, s, cache) -> dict[str, float]:
@@ -163,8 +162,8 @@ def reward_model_scores(model: EvalModel, reference, rows: Rows, s, cache) -> di
   mine = rewards(model)
   out = {"reward": float(mine.mean())}
   if reference is not None:
-    theirs = cache.setdefault("ref_rewards", None)
-    if theirs is None:
+    theirs = cache.get("ref_rewards")
+    if theirs is None:  # the reference's completions and rewards: once per process
       theirs = cache["ref_rewards"] = rewards(reference)
     out["reference_reward"] = float(theirs.mean())
     out["win_rate"] = float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))

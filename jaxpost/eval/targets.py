@@ -2,7 +2,7 @@
 restored onto the evaluation's own mesh (any trainable: full, LoRA / DoRA / QLoRA adapters
 attached, prompt / prefix), with its reference.
 
-    target = open_target("runs/dpo", mesh=make_mesh(...))
+    target, step = open_target("runs/dpo", mesh_shape=(1, 1, 1))
     target.steps()                 # the committed checkpoints, ascending
     params = target.params(100)    # the full model of checkpoint 100 (None: the final model)
     target.reference()             # the run's start model (under PEFT: the base, adapters off)
@@ -106,8 +106,8 @@ class RunTarget:
     self.checkpointer.close()
 
 
-def open_target(path: str | Path, *, mesh_shape: tuple[int, int, int] | None = None,
-                mesh=None) -> tuple[Any, int | None]:
+def open_target(path: str | Path, *, mesh_shape: tuple[int, int, int] | None = None
+                ) -> tuple[Any, int | None]:
   """(the target, the checkpoint step asked for or None) of `path`: a Hugging Face folder
   (config.json), a run folder (config.yaml), or a run's `checkpoints/<step>`."""
   path = Path(path)
@@ -119,9 +119,8 @@ def open_target(path: str | Path, *, mesh_shape: tuple[int, int, int] | None = N
   if (path / "config.yaml").is_file():
     return RunTarget(path, mesh_shape), None
   if (path / "config.json").is_file():
-    if mesh is None:
-      from jaxpost import sharding  # pylint: disable=import-outside-toplevel
-      mesh = sharding.make_mesh(*(mesh_shape or (len(jax.devices()), 1, 1)))
+    from jaxpost import sharding  # pylint: disable=import-outside-toplevel
+    mesh = sharding.make_mesh(*(mesh_shape or (len(jax.devices()), 1, 1)))
     return FolderTarget(path, mesh), None
   raise TrainingError(f"{path} is neither a Hugging Face model folder (no config.json) nor a "
                       "jaxpost run folder (no config.yaml)")

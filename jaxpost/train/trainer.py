@@ -21,7 +21,7 @@ import jax
 
 from jaxpost.config import RunConfig, save_config
 from jaxpost.data import describe_truncation
-from jaxpost.metrics import MetricWriter, ProgressBar, read_metrics
+from jaxpost.metrics import MetricWriter, ProgressBar
 from jaxpost.train.build import AlgorithmArg, Run, build, log
 from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.errors import TrainingError
@@ -165,10 +165,9 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   if suites is not None:
     if start == 0:
       summary["suites_before"] = suites.evaluate(0, state.params, frozen, is_reference=True)
-    elif (run.run_dir / "eval" / "metrics.jsonl").exists():  # resumed: for `retention`
-      suites.evaluator.reference_results = {
-          k: v for r in read_metrics(run.run_dir / "eval") if r["step"] == 0
-          for k, v in r.items()}
+    else:  # resumed: `retention` divides by the start model's results in the ledger
+      from jaxpost.eval.command import ledger_reference  # pylint: disable=import-outside-toplevel
+      suites.evaluator.reference_results = ledger_reference(run.run_dir / "eval")
   bar = ProgressBar(t.steps, initial_step=start, disable=None if jax.process_index() == 0 else True)
   metrics = Metrics(writer, bar, steps=t.steps, log_every=t.log_every,
                     max_bad_steps=t.max_bad_steps, headline=a.headline, on_step=on_step)
