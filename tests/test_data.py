@@ -358,6 +358,9 @@ def test_packed_row_layout():
   assert {k: v.dtype for k, v in rows.items()} == {
       "tokens": np.int32, "targets": np.int32, "loss_mask": np.bool_, "segment_ids": np.int32,
       "positions": np.int32}
+  indexed = make_rows([a, b, c], plan, 8, pad_id=0, example_index=True)
+  np.testing.assert_array_equal(indexed["example_index"],
+                                [[0, 0, 0, 1, 1, 1, 1, -1], [2, 2, -1, -1, -1, -1, -1, -1]])
 
 
 def test_truncation_counts_and_drops_examples_left_without_targets():

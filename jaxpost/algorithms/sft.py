@@ -22,10 +22,12 @@ def perplexity(metrics: dict[str, float]) -> dict[str, float]:
   return {**metrics, "perplexity": float(np.exp(min(metrics["loss"], 50.0)))}
 
 
-def sft_batches(run, split: str, kind: str = "sft", path: str | None = None) -> Offline | None:
+def sft_batches(run, split: str, kind: str = "sft", path: str | None = None,
+                example_index: bool = False) -> Offline | None:
   """The run's SFT batches of `split` (None where the run has no such data): shuffled and
   endless for "train", one pass padded to full batches for "eval". `path` replaces the
-  run's file of that split (e.g. seq-KD's teacher answers)."""
+  run's file of that split (e.g. seq-KD's teacher answers); `example_index` adds the field
+  of that name (`jaxpost.data.BatchIterator`)."""
   d, t = run.cfg.data, run.cfg.train
   path = path or run.data.path(kind, split)
   if path is None:
@@ -35,7 +37,7 @@ def sft_batches(run, split: str, kind: str = "sft", path: str | None = None) -> 
       path, run.tokenizer, format=d.format, seq_len=d.seq_len, batch_size=t.batch_size,
       pack=d.pack, seed=t.seed, max_length=d.max_length, on_bad_row=d.on_bad_row,
       train_on=d.train_on, shuffle=d.shuffle and training, epochs=None if training else 1,
-      drop_remainder=training))
+      drop_remainder=training, example_index=example_index))
 
 
 def make(run) -> Algorithm:

@@ -71,6 +71,8 @@ class BatchIterator(EpochIterator):
     epochs: stop after this many epochs; None: never stop.
     max_length: truncate examples to this many tokens (they are truncated to `seq_len` anyway).
     pad_id: the token id written on padding (never attended to nor trained).
+    example_index: batches also carry "example_index" [batch_size, seq_len] (`make_rows`):
+      the index in `examples` of each token's example, -1 on padding.
     state: a `state()` to resume from (same as calling `restore`).
   """
 
@@ -81,7 +83,7 @@ class BatchIterator(EpochIterator):
   def __init__(self, examples_or_dataset: Any, *, batch_size: int, seq_len: int,
                pack: bool = True, shuffle: bool = True, seed: int = 0,
                drop_remainder: bool = True, epochs: int | None = None,
-               max_length: int | None = None, pad_id: int = 0,
+               max_length: int | None = None, pad_id: int = 0, example_index: bool = False,
                state: Mapping[str, Any] | None = None) -> None:
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"Need batch_size >= 1 and seq_len >= 2, got {batch_size}, {seq_len}.")
@@ -94,6 +96,7 @@ class BatchIterator(EpochIterator):
                                         t.dropped_rows, limit))
     self._lengths = np.array([len(e) for e in self._examples], np.int64)
     self.seq_len, self.pack, self.pad_id = seq_len, pack, pad_id
+    self.example_index = example_index
     self._unit = f"rows of {seq_len} tokens"
     self._source = files_of(e.where for e in self._examples)
     settings = [batch_size, seq_len, pack, shuffle, seed, drop_remainder, max_length, pad_id,
@@ -110,7 +113,13 @@ class BatchIterator(EpochIterator):
 
   def _collate(self, rows: Sequence[list[int]]) -> dict[str, np.ndarray]:
     rows = list(rows) + [[]] * (self.batch_size - len(rows))  # padding rows, if not dropped
-    return make_rows(self._examples, rows, self.seq_len, pad_id=self.pad_id)
+    return make_rows(self._examples, rows, self.seq_len, pad_id=self.pad_id,
+                     example_index=self.example_index)
+
+  @property
+  def examples(self) -> Sequence[Example]:
+    """The examples batched (after truncation), in the order `example_index` counts them."""
+    return self._examples
 
   @property
   def stats(self) -> DataStats:

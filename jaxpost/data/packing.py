@@ -10,6 +10,9 @@ A row of length `seq_len` holds one example (unpacked) or several (packed), then
                          token and on padding
   segment_ids [T] int32  1, 2, 3, ... for the examples of the row; 0 on padding
   positions   [T] int32  0, 1, 2, ... restarting for every example; 0 on padding
+  example_index [T] int32  (only with `example_index=True`) which example (its index in the
+                         examples list) each token is from; -1 on padding: lets a caller attach
+                         per-example data computed once (e.g. a teacher's cached top-K)
 
 The model attends within a segment only (`forward(..., positions=, segment_ids=)`), so an
 example's logits, and so its loss, are the same packed as alone. The loss is
@@ -119,8 +122,9 @@ def plan_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, *,
 
 
 def make_rows(examples: Sequence[Example], plan: Sequence[Sequence[int]], seq_len: int, *,
-              pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The rows of `plan` (from `plan_rows`) as arrays [len(plan), seq_len] (layout above).
+              pad_id: int = 0, example_index: bool = False) -> dict[str, np.ndarray]:
+  """The rows of `plan` (from `plan_rows`) as arrays [len(plan), seq_len] (layout above;
+  `example_index` adds that field).
 
   An empty row in the plan is all padding (used to fill a final partial batch).
   """
@@ -130,6 +134,7 @@ def make_rows(examples: Sequence[Example], plan: Sequence[Sequence[int]], seq_le
   loss_mask_RxT = np.zeros((R, seq_len), np.bool_)
   segment_ids_RxT = np.zeros((R, seq_len), np.int32)
   positions_RxT = np.zeros((R, seq_len), np.int32)
+  index_RxT = np.full((R, seq_len), -1, np.int32)
   for r, row in enumerate(plan):
     offset = 0
     for segment, i in enumerate(row, start=1):
@@ -143,9 +148,13 @@ def make_rows(examples: Sequence[Example], plan: Sequence[Sequence[int]], seq_le
       loss_mask_RxT[r, offset:end - 1] = example.loss_mask[1:]
       segment_ids_RxT[r, offset:end] = segment
       positions_RxT[r, offset:end] = np.arange(n, dtype=np.int32)
+      index_RxT[r, offset:end] = i
       offset = end
-  return {"tokens": tokens_RxT, "targets": targets_RxT, "loss_mask": loss_mask_RxT,
+  rows = {"tokens": tokens_RxT, "targets": targets_RxT, "loss_mask": loss_mask_RxT,
           "segment_ids": segment_ids_RxT, "positions": positions_RxT}
+  if example_index:
+    rows["example_index"] = index_RxT
+  return rows
 
 
 def packing_efficiency(lengths: Sequence[int], plan: Sequence[Sequence[int]],

@@ -44,6 +44,7 @@ def build_sft_batches(
     epochs: int | None = None,
     drop_remainder: bool = True,
     add_eos: bool = True,
+    example_index: bool = False,
     state: Mapping[str, Any] | None = None,
 ) -> BatchIterator:
   """SFT batches from a data file, folder, hub dataset name or `datasets.Dataset`.
@@ -63,6 +64,7 @@ def build_sft_batches(
     split: the split of a hub dataset (local files are "train"; slices like "train[:100]").
     shuffle, epochs, drop_remainder, state: see `BatchIterator`.
     add_eos: append EOS to completions and texts.
+    example_index: batches also carry "example_index" (see `BatchIterator`).
 
   Example:
     >>> batches = build_sft_batches("data/train.jsonl", tokenizer, seq_len=2048, batch_size=8)
@@ -74,4 +76,5 @@ def build_sft_batches(
                             on_bad_row=on_bad_row)
   return BatchIterator(tokenized, batch_size=batch_size, seq_len=seq_len, pack=pack,
                        shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, epochs=epochs,
-                       max_length=max_length, pad_id=pad_id_of(tokenizer), state=state)
+                       max_length=max_length, pad_id=pad_id_of(tokenizer),
+                       example_index=example_index, state=state)
