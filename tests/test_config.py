@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +256,19 @@ def test_sections_are_frozen(recipe):
   cfg = load_config(recipe)
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+  """Every shipped recipe is a valid config (an evaluation recipe of `jaxpost eval`'s schema)."""
+  from jaxpost.config import EvalConfig
+  if recipe.name.startswith("eval"):
+    cfg = load_config(recipe, root=EvalConfig)
+    assert cfg.suites
+  else:  # sft.yaml is a template: the user names the model and the data
+    overrides = ["model.path=m", "data.train=t.jsonl", "data.eval=e.jsonl"] if recipe.name == "sft.yaml" else []
+    cfg = load_config(recipe, overrides)
+    assert cfg.train.steps > 0 and cfg.run_dir

@@ -145,20 +145,23 @@ def test_config_and_tokenizer_errors(tmp_path, teacher):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_with_on_policy_batches(tmp_path, teacher):
-  """Killed after step 3's checkpoint of an on-policy (lambda 0.5) run: the rerun ends with
-  the uninterrupted run's weights, bit for bit."""
+def test_resume_after_sigkill_with_on_policy_batches_and_a_curriculum(tmp_path, teacher):
+  """Killed after step 3's checkpoint of an on-policy (lambda 0.5) run whose data (dataset rows
+  and prompts) are paced by a curriculum until step 5: the rerun ends with the uninterrupted
+  run's weights, bit for bit."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   paths = {}
   for name in ("straight", "killed"):
     paths[name] = _recipe(tmp_path, name, teacher, steps=7, every=3)
-    text = paths[name].read_text().replace("max_new_tokens: 6}",
-                                           "max_new_tokens: 6, lambda_on_policy: 0.5}")
+    text = paths[name].read_text().replace(
+        "max_new_tokens: 6}", "max_new_tokens: 6, lambda_on_policy: 0.5}").replace(
+        "pack: true}", "pack: true, curriculum: {score: length, full_at_step: 5}}")
     paths[name].write_text(text)
   run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True,  # noqa: E731
                                   text=True, timeout=900)
   proc = run("-m", "jaxpost.cli", "train", str(paths["straight"]))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("curriculum: ") == 2  # the dataset's rows and the prompts
   proc = run("-c", WRAPPER, "3", str(paths["killed"]))
   assert proc.returncode == -9, proc.stderr[-3000:]
   proc = run("-m", "jaxpost.cli", "train", str(paths["killed"]))

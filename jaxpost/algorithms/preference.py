@@ -16,27 +16,32 @@ import jax
 import numpy as np
 
 from jaxpost.algorithms.base import Algorithm, Offline, Policy, reference_sync
+from jaxpost.algorithms.curriculum import apply_curriculum
 from jaxpost.data.preference import build_kto_batches, build_preference_batches
 from jaxpost.losses.dpo import dpo_loss, kto_loss, reference_logps
 
 _BUILDERS = {"paired": build_preference_batches, "unpaired": build_kto_batches}
 
 
-def preference_batches(run, split: str, kind: str, *, training: bool | None = None
-                       ) -> Offline | None:
+def preference_batches(run, split: str, kind: str, *, training: bool | None = None,
+                       policy: Policy | None = None) -> Offline | None:
   """The run's preference batches of `split`: pairs [B, 2, T] (`kind` "paired") or KTO rows
-  (`kind` "unpaired"). Training batches (default for "train") are shuffled and endless; else
-  one pass in data order, padded to full batches. None where the run has no such data."""
+  (`kind` "unpaired"). Training batches (default for "train") are shuffled and endless, paced
+  by `data.curriculum` if set (its `loss` score needs the start `policy`); else one pass in
+  data order, padded to full batches. None where the run has no such data."""
   d, t = run.cfg.data, run.cfg.train
   path = run.data.path(kind, split)
   if path is None:
     return None
   training = split == "train" if training is None else training
-  return Offline(_BUILDERS[kind](
+  batches = _BUILDERS[kind](
       path, run.tokenizer, seq_len=d.seq_len, batch_size=t.batch_size,
       max_prompt_length=d.max_prompt_length, max_length=d.max_length, seed=t.seed,
       on_bad_row=d.on_bad_row, shuffle=d.shuffle and training, epochs=None if training else 1,
-      drop_remainder=training))
+      drop_remainder=training)
+  if training:
+    apply_curriculum(run, batches, policy, path)
+  return Offline(batches)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +99,7 @@ def _preference(run, name: str, kind: str, loss, needs_reference: bool, headline
   precomputed = needs_reference and ref.mode == "precomputed"
 
   def batches(split, policy):
-    source = preference_batches(run, split, kind)
+    source = preference_batches(run, split, kind, policy=policy)
     if source is None or not precomputed:
       return source
     return with_reference_logps(run, source, split, kind, policy)

@@ -33,7 +33,7 @@ def make(run) -> Algorithm:
   return Algorithm(
       name="reward",
       loss=lambda params, batch, rng, frozen: loss(params, batch, rng),
-      batches=lambda split, policy: preference_batches(run, split, "paired"),
+      batches=lambda split, policy: preference_batches(run, split, "paired", policy=policy),
       headline="accuracy",
       init=lambda params, rng: with_score_head(run.config, params, rng),
       param_specs=reward_param_specs,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxpost.config.curriculum import CurriculumSection
 from jaxpost.config.distill import DistillSection
 from jaxpost.config.eval import EvalSection
 from jaxpost.config.rl import RLSection
@@ -76,7 +77,8 @@ class DataSection(Section):
   `seq_len` is the length of a packed (or padded) row; `max_length` truncates one example
   before packing (None: `seq_len`); `max_prompt_length` keeps only each prompt's last tokens
   (preference data, as TRL); `on_bad_row` raises or skips a malformed row; `train_on`
-  selects which tokens carry the loss (None: the format's default).
+  selects which tokens carry the loss (None: the format's default); `curriculum` orders the
+  training stream easy first (`CurriculumSection`).
   """
 
   train: str | None = None
@@ -89,6 +91,7 @@ class DataSection(Section):
   shuffle: bool = True
   on_bad_row: OnBadRow = "error"
   train_on: str | None = None
+  curriculum: CurriculumSection | None = None
 
   def validate(self, prefix: str) -> None:
     _require(self.seq_len >= 1, f"{prefix}seq_len must be >= 1, got {self.seq_len}")
@@ -97,6 +100,8 @@ class DataSection(Section):
     _require(self.max_prompt_length is None or self.max_prompt_length >= 1,
              f"{prefix}max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
     _require(self.train != "", f"{prefix}train must not be empty")
+    if self.curriculum is not None:
+      self.curriculum.validate(f"{prefix}curriculum.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,10 @@ to B, so every batch has the same shape and a jitted step compiles once. An epoc
 Everything is a pure function of (data, settings, seed, epoch), so the state is just (epoch,
 batches taken in it) and a fingerprint of the data and settings: a restored iterator
 recomputes the epoch's units and yields exactly the batches an uninterrupted one would have.
+
+With a curriculum (`use_curriculum`, `jaxpost.data.curriculum`), the first `full_at_step`
+batches are drawn easiest first, each a pure function of (scores, seed, batch number), and the
+epochs above follow; the state adds the curriculum batches taken.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpost.data.curriculum import Curriculum, batch_units
 from jaxpost.data.formats import Example
 
 STATE_VERSION = 1
@@ -194,6 +199,9 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
     self._num_items, self._fingerprint = num_items, fingerprint
     self._units_cache: tuple[int, Sequence[Any]] | None = None
     self._epoch, self._batch = 0, 0
+    self._curriculum: Curriculum | None = None
+    self._ranked: np.ndarray | None = None
+    self._curriculum_batch = 0
     if self.batches_in_epoch(0) == 0:
       raise ValueError(self._too_few(0))
     if state is not None:
@@ -239,6 +247,12 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._in_curriculum:
+      c, t = self._curriculum, self._curriculum_batch
+      units = batch_units(self._units, self._ranked, c.pool_size(t, self.batch_size), t,
+                          self.seed, self.batch_size)
+      self._curriculum_batch += 1
+      return self._collate(units)
     while self.epochs is None or self._epoch < self.epochs:
       if self._batch < self.batches_in_epoch(self._epoch):
         start = self._batch * self.batch_size
@@ -250,6 +264,52 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
       self._epoch, self._batch = self._epoch + 1, 0
     raise StopIteration
 
+  # -- curriculum ----------------------------------------------------------------------------------
+
+  def use_curriculum(self, curriculum: Curriculum) -> None:
+    """Draws the first `curriculum.full_at_step` batches easiest first (module docstring), then
+    the epochs. Call it before taking any batch and before `restore`; it changes the
+    fingerprint (a state saved without this curriculum does not restore).
+
+    Raises:
+      ValueError: not one score per item, or batches were already taken.
+    """
+    if len(curriculum.scores) != self._num_items:
+      raise ValueError(f"The curriculum has {len(curriculum.scores)} scores for "
+                       f"{self._num_items} {self._unit}.")
+    if self._epoch or self._batch or self._curriculum_batch:
+      raise ValueError("use_curriculum must come before the first batch.")
+    self._curriculum, self._ranked = curriculum, curriculum.ranked(self.seed)
+    self._fingerprint = fingerprint_of([self._fingerprint, *curriculum.settings()],
+                                       [curriculum.scores.tobytes()])
+
+  @property
+  def _in_curriculum(self) -> bool:
+    return (self._curriculum is not None
+            and self._curriculum_batch < self._curriculum.full_at_step)
+
+  @property
+  def curriculum(self) -> Curriculum | None:
+    return self._curriculum
+
+  def competence(self) -> float:
+    """The fraction of the items (easiest first) the next batch is drawn from (1: all)."""
+    if not self._in_curriculum:
+      return 1.0
+    return self._curriculum.competence(self._curriculum_batch)
+
+  def item_lengths(self) -> np.ndarray:
+    """Tokens of every item (a curriculum's `length` score)."""
+    raise NotImplementedError(f"{type(self).__name__} has no item lengths")
+
+  def item_wheres(self) -> list[str | None]:
+    """Where every item came from ("file row N"), to score it by its row."""
+    raise NotImplementedError(f"{type(self).__name__} does not know its items' rows")
+
+  def item_examples(self) -> list[Example]:
+    """One example per item (the text a curriculum's `loss` score is the loss of)."""
+    raise NotImplementedError(f"{type(self).__name__} has no examples to score")
+
   # -- exact resume --------------------------------------------------------------------------------
 
   @property
@@ -259,9 +319,11 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
 
   def state(self) -> dict[str, Any]:
     """Where the iterator is, as JSON-serialisable values: the epoch, the batches already
-    taken in it, and a fingerprint of the data and settings (checked by `restore`)."""
+    taken in it, the curriculum batches taken, and a fingerprint of the data and settings
+    (checked by `restore`)."""
     return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
-            "seed": self.seed, "fingerprint": self._fingerprint}
+            "curriculum_batch": self._curriculum_batch, "seed": self.seed,
+            "fingerprint": self._fingerprint}
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Continues from `state` (from `state()` of an iterator over the same data and settings).
@@ -277,6 +339,7 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
                        f"(its fingerprint differs): the same {self._RESUME_NEEDS} are needed to "
                        "resume exactly.")
     self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+    self._curriculum_batch = int(state.get("curriculum_batch", 0))
 
   @property
   def num_examples(self) -> int:
@@ -285,5 +348,7 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
 
   @property
   def epoch(self) -> int:
-    """The epoch the next batch comes from."""
+    """The epoch the next batch comes from (0 during a curriculum)."""
+    if self._in_curriculum:
+      return 0
     return self._epoch + (self._batch >= self.batches_in_epoch(self._epoch))

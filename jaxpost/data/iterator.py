@@ -116,6 +116,15 @@ class BatchIterator(EpochIterator):
     return make_rows(self._examples, rows, self.seq_len, pad_id=self.pad_id,
                      example_index=self.example_index)
 
+  def item_lengths(self) -> np.ndarray:
+    return self._lengths.copy()
+
+  def item_wheres(self) -> list[str | None]:
+    return [e.where for e in self._examples]
+
+  def item_examples(self) -> list[Example]:
+    return list(self._examples)
+
   @property
   def examples(self) -> Sequence[Example]:
     """The examples batched (after truncation), in the order `example_index` counts them."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxpost.data.epochs import (EpochIterator, InputStats, example_bytes, files_of,
                                  fingerprint_of, nothing_to_batch)
+from jaxpost.data.formats import Example
 from jaxpost.data.packing import NAMED_ROWS, TruncationStats
 
 
@@ -147,6 +148,17 @@ class PreferenceIterator(EpochIterator):
     batch["index"] = np.full((self.batch_size,), -1, np.int32)
     batch["index"][:len(indices)] = indices
     return batch
+
+  def item_lengths(self) -> np.ndarray:
+    """Tokens of every item: a pair's chosen and rejected sequences together."""
+    return np.array([sum(len(e) for e in item.examples) for item in self._items], np.int64)
+
+  def item_wheres(self) -> list[str | None]:
+    return [item.where for item in self._items]
+
+  def item_examples(self) -> list[Example]:
+    """A pair's chosen sequence, a KTO row's sequence."""
+    return [item.examples[0] for item in self._items]
 
   @property
   def stats(self) -> PreferenceStats:

@@ -112,6 +112,13 @@ class PromptOrder(EpochIterator):
                                  (np.asarray(p.ids, np.int32).tobytes() for p in prompts))
     super().__init__(len(prompts), batch_size=batch_size, shuffle=shuffle, seed=seed,
                      drop_remainder=True, epochs=None, fingerprint=fingerprint, state=None)
+    self._prompts = prompts
 
   def _collate(self, units: Sequence[Any]) -> dict[str, np.ndarray]:
     return {"index": np.asarray(units, np.int64)}
+
+  def item_lengths(self) -> np.ndarray:
+    return np.array([len(p.ids) for p in self._prompts], np.int64)
+
+  def item_wheres(self) -> list[str | None]:
+    return [p.where for p in self._prompts]

@@ -45,6 +45,7 @@ from jaxpost.data import pad_id_of
 from jaxpost.losses.rl import group_advantages, reinforce_pp_advantages, rloo_advantages
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import forward
+from jaxpost.algorithms.curriculum import apply_curriculum
 from jaxpost.rl.prompts import Prompt, PromptOrder
 from jaxpost.sampling import generate
 
@@ -144,6 +145,7 @@ class RolloutSource:
     self.num_prompts = self.rows_per_rollout // (1 if pairs else self.group)
     self.order = PromptOrder(self.prompts, batch_size=self.num_prompts, seed=t.seed,
                              shuffle=run.cfg.data.shuffle)
+    apply_curriculum(run, self.order, None, run.data.path("sft", "train"))
     self.prompt_width = _round_up(max(len(p.ids) for p in self.prompts), 8)
     self.width = _round_up(self.prompt_width + rl.max_new_tokens, 8)
     self.key = jax.random.fold_in(jax.random.key(t.seed), 0x5EED)

@@ -51,6 +51,14 @@ def corpus(rows: list[dict]) -> list[str]:
   return [f"{r['messages'][0]['content']} {r['messages'][1]['content']}" for r in rows]
 
 
+def operand_size(row: dict) -> float:
+  """A row's difficulty for `data.curriculum.score=jaxpost.tasks.arithmetic:operand_size`: the
+  larger operand of its question (sums of small numbers are learnt first)."""
+  text = row["messages"][0]["content"] if "messages" in row else row["prompt"]
+  a, b = (int(x) for x in text.removeprefix("What is ").removesuffix("?").split(" + "))
+  return float(max(a, b))
+
+
 def reward(completion: str, answer: str) -> float:
   """1.0 when the completion, stripped, is exactly the answer; else 0.0."""
   return float(completion.strip() == answer)
