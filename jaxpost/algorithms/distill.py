@@ -6,11 +6,16 @@ next-token distributions taught to the student on the same rows, in the one upda
                completions of the next prompts, scored by the teacher in the step
     seq_kd     (Kim & Rush 2016): the teacher answers every training prompt once (greedy,
                cached under RUN_DIR/distill), then SFT on its answers
+    cache_top_k (K > 0): off-policy from the teacher's top K per token, computed once over
+               the data and cached under RUN_DIR/distill (`jaxpost.algorithms.distill_cache`):
+               no teacher in memory while training; the divergence is over the K ids and
+               one bucket for the rest (`jaxpost.losses.topk_divergence`)
 
 The teacher (a Hugging Face folder or a run folder's `final/`; another size or family with the
 same vocabulary) is loaded onto the run's mesh by the same rules table, optionally as int8 /
 NF4 weight objects, and goes into the step as `Frozen.teacher`: no gradient, never saved in a
-checkpoint. A student under LoRA is `lora.rank=...`, as for every algorithm.
+checkpoint (with `cache_top_k` it is not in the step at all). A student under LoRA is
+`lora.rank=...`, as for every algorithm.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 from jaxpost.algorithms.base import Algorithm
 from jaxpost.algorithms.sft import perplexity, sft_batches
 from jaxpost.config import ConfigError
-from jaxpost.losses import distill_batch_loss, sft_loss
+from jaxpost.losses import distill_batch_loss, distill_topk_batch_loss, sft_loss
 
 
 def teacher_folder(path: str) -> Path:
@@ -91,10 +96,12 @@ class OnPolicy:
   step, so `state()` / `restore()` resume exactly."""
 
   def __init__(self, run, offline, prompts):
+    from jaxpost.algorithms.curriculum import apply_curriculum  # pylint: disable=import-outside-toplevel
     from jaxpost.rl.prompts import PromptOrder  # pylint: disable=import-outside-toplevel
     self.run, self.offline, self.prompts = run, offline, prompts
     t = run.cfg.train
     self.order = PromptOrder(prompts, batch_size=t.batch_size, seed=t.seed)
+    apply_curriculum(run, self.order, None, run.data.path("sft", "train"))
     self.steps = 0
     self.on_policy_batches = 0
 
@@ -172,13 +179,20 @@ def make(run) -> Algorithm:
     sft = functools.partial(sft_loss, config=run.config, **run.model_kwargs)
 
     def seq_batches(split, policy):
-      del policy
       if split == "eval":
         return sft_batches(run, split)
-      return sft_batches(run, split, path=teacher_answers(run, d, log))
+      return sft_batches(run, split, path=teacher_answers(run, d, log), policy=policy)
 
     return Algorithm(name="distill", loss=lambda p, b, rng, frozen: sft(p, b, rng),
                      batches=seq_batches, eval_metrics=perplexity)
+
+  if d.cache_top_k:
+    from jaxpost.algorithms.distill_cache import topk_batches  # pylint: disable=import-outside-toplevel
+    topk = functools.partial(distill_topk_batch_loss, config=run.config, kind=d.kind,
+                             beta=d.beta, temperature=d.temperature, sft_weight=d.sft_weight,
+                             chunk=d.chunk, **run.model_kwargs)
+    return Algorithm(name="distill", loss=lambda p, b, rng, frozen: topk(p, b, rng),
+                     batches=topk_batches(run, d, log), headline="divergence")
 
   teacher: dict[str, Any] = {}
 
@@ -196,8 +210,7 @@ def make(run) -> Algorithm:
                               chunk=d.chunk, **run.model_kwargs)
 
   def batches(split, policy):
-    del policy
-    offline = sft_batches(run, split)
+    offline = sft_batches(run, split, policy=policy)
     if split != "train" or d.lambda_on_policy == 0 or offline is None:
       return offline
     from jaxpost.rl.prompts import read_prompts  # pylint: disable=import-outside-toplevel

@@ -20,7 +20,12 @@ class DistillSection(Section):
   completions, 1 only on its own. `seq_kd`: the teacher answers every training prompt once
   (greedy), then the student is trained by SFT on those answers (Kim & Rush 2016).
   `quantize` stores the teacher as int8 / NF4 weight objects; `chunk` positions of both LM
-  heads are computed at a time.
+  heads are computed at a time. `cache_top_k` K > 0: the teacher runs once over the data
+  before training and its top-K log-probs (and the mass of the rest) are cached under
+  RUN_DIR/distill; training reads them with no teacher in memory, the divergence taken over
+  the K ids and one bucket for the rest (`jaxpost.losses.topk_divergence`: exact at K =
+  vocabulary size, else the tail's shape is lost). Off-policy only: not with
+  `lambda_on_policy` > 0 nor `seq_kd`.
   """
 
   teacher: str | None = None
@@ -34,6 +39,7 @@ class DistillSection(Section):
   seq_kd: bool = False
   quantize: Literal["none", "int8", "nf4"] = "none"
   chunk: int = 256
+  cache_top_k: int = 0
 
   def validate(self, prefix: str) -> None:
     _require(0.0 <= self.beta <= 1.0, f"{prefix}beta must be in [0, 1], got {self.beta}")
@@ -47,3 +53,12 @@ class DistillSection(Section):
     _require(not (self.seq_kd and self.lambda_on_policy > 0),
              f"{prefix}seq_kd trains on the teacher's answers by SFT; lambda_on_policy "
              "(the student's own answers, scored by the teacher) is the other recipe: keep one")
+    _require(self.cache_top_k >= 0, f"{prefix}cache_top_k must be >= 1 (0: off), got "
+             f"{self.cache_top_k}")
+    _require(not (self.cache_top_k and self.lambda_on_policy > 0),
+             f"{prefix}cache_top_k caches the teacher over the dataset's rows before training; "
+             f"{prefix}lambda_on_policy > 0 trains on completions the student samples during "
+             "training, which no cache holds (they need the teacher in the step): keep one")
+    _require(not (self.cache_top_k and self.seq_kd),
+             f"{prefix}cache_top_k caches the teacher's distributions; {prefix}seq_kd trains by "
+             "SFT on the teacher's answers and reads no distribution: keep one")

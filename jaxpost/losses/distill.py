@@ -4,6 +4,8 @@ distributions, per token, and the batch loss that never holds full [B, T, V] log
     loss = distill_loss(student_logits, teacher_logits, mask, kind="jsd", beta=0.5)
     loss, metrics = distill_batch_loss(params, batch, rng, frozen, config=student_config,
                                        teacher_config=teacher_config, kind="forward_kl")
+    loss, metrics = distill_topk_batch_loss(params, batch_with_teacher_topk, rng,
+                                            config=student_config, kind="forward_kl")
 
 `kind` (with p_T, p_S the tempered teacher and student distributions, softmax(logits / tau)):
 
@@ -16,6 +18,23 @@ distributions, per token, and the batch loss that never holds full [B, T, V] log
 
 The loss is the token mean over the mask of the per-token divergence summed over the
 vocabulary: TRL's "batchmean" over the labelled tokens.
+
+Top-K support (`distill.cache_top_k`, an offline teacher cache). The teacher's distribution is
+kept only as its K most likely ids with their log-probs, plus the log of the mass of all other
+ids (`topk_support`). Both distributions are then read on K + 1 categories, the K teacher ids
+and one "rest" bucket, and `topk_divergence` is the divergence `kind` between those two
+coarsened distributions:
+
+    p_T = (p_T(v_1), ..., p_T(v_K), 1 - sum_k p_T(v_k))     v_1..v_K the teacher's top K
+    p_S = (p_S(v_1), ..., p_S(v_K), 1 - sum_k p_S(v_k))
+
+The rest buckets are log-sums over the other ids (not 1 minus a sum, which cancels), so a tail
+far below float32's epsilon keeps its size. Both are proper distributions, so the value is a
+true divergence: >= 0, 0 when the student equals the teacher. It is exact when K = V (the
+rest is empty) and, by the data-processing inequality, never above the full-vocabulary
+divergence: what is lost is the shape of the tail. The student is pushed to put the right
+total mass outside the top K, not to spread it as the teacher does (Hinton et al.'s "dark
+knowledge" below the top K).
 """
 
 from __future__ import annotations
@@ -114,6 +133,76 @@ def distill_batch_loss(params, batch: dict, rng: jax.Array, teacher_params, *,
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
   div = chunked_divergence(config, params, hidden, teacher_config, teacher, t_hidden, mask,
                            kind=kind, beta=beta, temperature=temperature, chunk=chunk) / tokens
+  loss, metrics = div, {"divergence": jax.lax.stop_gradient(div), "weight": jnp.sum(mask)}
+  if sft_weight:
+    nll = token_nll(config, params, hidden, batch["targets"], mask) / tokens
+    loss = loss + sft_weight * nll
+    metrics["nll"] = jax.lax.stop_gradient(nll)
+  return loss, metrics
+
+
+def topk_support(logp: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A distribution given as log-probs [..., V] read on the K + 1 categories of `ids`
+  [..., K] (distinct ids) and the rest: (log-probs at `ids` [..., K], log of the mass outside
+  them [...]). The rest is a log-sum-exp over the other ids (-inf when K = V)."""
+  picked = jnp.take_along_axis(logp, ids, axis=-1)
+  V, K = logp.shape[-1], ids.shape[-1]
+  if K >= V:
+    return picked, jnp.full(logp.shape[:-1], -jnp.inf, logp.dtype)
+  ids_NxK = ids.reshape(-1, K)
+  n = ids_NxK.shape[0]
+  hit = jnp.zeros((n, V), jnp.bool_).at[jnp.arange(n)[:, None], ids_NxK].set(True)
+  rest = jax.nn.logsumexp(jnp.where(hit.reshape(logp.shape), -jnp.inf, logp), axis=-1)
+  return picked, rest
+
+
+def topk_divergence(student_logp: jax.Array, student_rest: jax.Array,
+                    teacher_logp: jax.Array, teacher_rest: jax.Array, *, kind: str = "jsd",
+                    beta: float = 0.5) -> jax.Array:
+  """`token_divergence` over the K + 1 categories of the teacher's top K and the rest bucket
+  (module docstring): log-probs at the teacher's ids [..., K] and the rests' log-masses [...]
+  of each side -> [...]."""
+  s = jnp.concatenate([student_logp, student_rest[..., None]], axis=-1)
+  t = jnp.concatenate([teacher_logp, teacher_rest[..., None]], axis=-1)
+  return token_divergence(s, t, kind=kind, beta=beta)
+
+
+def distill_topk_batch_loss(params, batch: dict, rng: jax.Array, *, config: ModelConfig,
+                            kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
+                            sft_weight: float = 0.0, chunk: int = 256, compute_dtype=None,
+                            remat: bool = False):
+  """`distill_batch_loss` against a cached teacher: the rows (`tokens`, `targets`,
+  `loss_mask`, `segment_ids`, `positions` [B, T]) carry the teacher's top K at every position,
+  `teacher_ids` [B, T, K] int32, `teacher_logp` [B, T, K] and `teacher_rest` [B, T] float32
+  (log-probs at `temperature`, `topk_support`), so no teacher runs. `(loss, metrics)` with
+
+      loss = topk_divergence (token mean over loss_mask) + sft_weight * cross-entropy
+
+  The student's LM head runs `chunk` positions at a time under `jax.checkpoint` ([B, chunk,
+  V] float32 at most). Positions outside `loss_mask` are not counted (their teacher entries
+  must be finite or a real position's). `metrics["weight"]` is the token count."""
+  del rng
+  hidden = forward(config, params, batch["tokens"], positions=batch["positions"],
+                   segment_ids=batch["segment_ids"], compute_dtype=compute_dtype,
+                   compute_logits=False, remat=remat).final_hidden
+  mask = batch["loss_mask"].astype(jnp.float32)
+  teacher = jax.lax.stop_gradient((batch["teacher_ids"], batch["teacher_logp"],
+                                   batch["teacher_rest"]))
+  h, ids, t_logp, t_rest, m = chunked(chunk, hidden, *teacher, mask)
+
+  @jax.checkpoint
+  def one(total, xs):
+    h_BxCxD, ids_BxCxK, t_logp_BxCxK, t_rest_BxC, m_BxC = xs
+    logits = lm_head(config, params, h_BxCxD).astype(jnp.float32) / temperature
+    s_logp, s_rest = topk_support(jax.nn.log_softmax(logits, -1), ids_BxCxK)
+    d = topk_divergence(s_logp, s_rest, t_logp_BxCxK, t_rest_BxC, kind=kind, beta=beta)
+    # where, not a product: a padded chunk's zeros are no distribution (at K = V their
+    # divergence is infinite) and must not reach the sum
+    return total + jnp.sum(jnp.where(m_BxC > 0, d, 0.0)), None
+
+  total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, ids, t_logp, t_rest, m))
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  div = total / tokens
   loss, metrics = div, {"divergence": jax.lax.stop_gradient(div), "weight": jnp.sum(mask)}
   if sft_weight:
     nll = token_nll(config, params, hidden, batch["targets"], mask) / tokens
