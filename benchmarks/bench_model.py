@@ -161,7 +161,7 @@ def machine_info() -> dict[str, Any]:
   }
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
+def cpu_seconds() -> tuple[float, float] | None:
   """(busy CPU seconds of the whole machine, of this process) so far; None without /proc."""
   try:
     with open("/proc/stat") as f:
@@ -176,7 +176,7 @@ def _cpu_seconds() -> tuple[float, float] | None:
 
 def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None,
                wall_s: float) -> float | None:
-  """Share of the machine's CPU time used by *other* processes between two `_cpu_seconds`.
+  """Share of the machine's CPU time used by *other* processes between two `cpu_seconds`.
 
   0 means the benchmark had the machine to itself; on a shared machine a few percent or more
   means the numbers are depressed by that much or worse.
@@ -489,7 +489,7 @@ def run(s: Settings) -> Results:
   log(f"machine: {machine_line(machine)}")
   log(f"model: {num_params(config):,} parameters ({matmul_params(config):,} in matmuls)")
 
-  cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
+  cpu_before, wall_before = cpu_seconds(), time.perf_counter()
   log("matmul ceiling ...")
   ceiling, matmul_rows = bench_matmul(s.matmul_sizes, s.matmul_reps)
   log(f"  {ceiling:.1f} GFLOP/s")
@@ -512,7 +512,7 @@ def run(s: Settings) -> Results:
   for r in model_rows:
     r.mfu = r.gflop_per_s / ceiling
   rows = matmul_rows + end_rows + model_rows
-  machine["other_load"] = other_load(cpu_before, _cpu_seconds(),
+  machine["other_load"] = other_load(cpu_before, cpu_seconds(),
                                      time.perf_counter() - wall_before)
   ceiling_start = max(r.extra["best_gflop_per_s"] for r in matmul_rows)
   return Results(machine=machine, config=config, settings=s, ceiling_gflop_per_s=ceiling,

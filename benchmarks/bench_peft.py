@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench_model import (BASE_CONFIG, _cpu_seconds, _fmt, bench_matmul, machine_info,
+from bench_model import (BASE_CONFIG, _fmt, bench_matmul, cpu_seconds, machine_info,
                          machine_line, time_calls)
 from jaxpost.losses import sft_loss
 from jaxpost.models import init_params, num_params
@@ -193,7 +193,7 @@ def _subprocess(args: list[str]) -> dict[str, Any]:
 
 def _busy() -> tuple[float, float] | None:
   """(busy CPU s of the machine, CPU s of this process and its waited-for children)."""
-  machine = _cpu_seconds()
+  machine = cpu_seconds()
   t = os.times()
   return None if machine is None else (machine[0], t[0] + t[1] + t[2] + t[3])
 

@@ -9,13 +9,14 @@ which has no jaxpost). A worker is started as
 and prints exactly one line starting with `RESULT_PREFIX` followed by the result as JSON
 (everything else it or its libraries print goes to stderr or is ignored by the orchestrator).
 
-The spec (built by `benchmarks/run.py`):
+The spec (built by `benchmarks/workloads.py`'s `make_spec`):
 
-    {"workload": "sft" | "lora" | "dpo" | "generate" | "grpo" | "ppo" | "matmul",
+    {"workload": "sft" | "lora" | "dpo" | "distill" | "generate" | "grpo" | "ppo" | "matmul",
      "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "intermediate_size", "tie_embeddings", "rope_theta", "norm_eps"},
-     "train": {"batch", "seq_len"},                     # sft, lora
+     "train": {"batch", "seq_len"},                     # sft, lora, distill
      "dpo": {"pairs", "prompt_len", "response_len", "beta"},
+     "distill": {"teacher": {<as "model">}, "kind", "temperature"},
      "generate": {"batch", "prompt_len", "new_tokens"},
      "grpo": {"prompts", "group", "prompt_len", "new_tokens", "temperature"},
      "ppo": {"prompts", "prompt_len", "new_tokens", "temperature", "kl_coef", "gamma", "lam",
@@ -67,7 +68,7 @@ def log(*args) -> None:
 
 
 def sft_tokens(spec: dict) -> np.ndarray:
-  """[batch, seq_len] int32 token ids of the SFT and LoRA workloads."""
+  """[batch, seq_len] int32 token ids of the SFT, LoRA and distillation workloads."""
   t = spec["train"]
   rng = np.random.default_rng(spec["seed"])
   return rng.integers(1, spec["model"]["vocab_size"], (t["batch"], t["seq_len"]),

@@ -20,6 +20,13 @@ train state and the metrics, or on the generated tokens):
   their log-probs computed inside the same step under `stop_gradient`, then
   `jaxpost.losses.preference.preference_loss` (DPO, Rafailov et al. 2023, eq. 7) on the
   summed response log-probs.
+* **distill**: the same step over `jaxpost.losses.distill_batch_loss` (the loss `algorithm:
+  distill` trains with, `jaxpost.algorithms.distill`) on the SFT batch, `kind` and
+  `temperature` from the spec (forward KL, 1.0), no cross-entropy term (sft_weight 0), default
+  chunk (256): the student's forward and backward, and the frozen teacher (its own shape,
+  `spec["distill"]["teacher"]`, initialised from seed + 1) passed as `{"teacher_params": ...}`
+  and run forward inside the same step without gradient; both LM heads and the divergence are
+  computed a chunk of positions at a time under `jax.checkpoint`.
 * **generate**: one call of `jaxpost.sampling.generate(..., temperature=0.0)` (greedy) on the
   prompt batch, prefill included.
 * **grpo**: one RL step, rollout then update, as `jaxpost.rl.rollout.RolloutSource` and the
@@ -110,12 +117,12 @@ def lm_batch(tokens_BxT, scored_BxT=None) -> dict:
 
 
 def bench_train(spec: dict) -> dict:
-  """SFT, LoRA or DPO update steps through `make_train_step`."""
+  """SFT, LoRA, DPO or distillation update steps through `make_train_step`."""
   import jax
   import jax.numpy as jnp
   from bench_model import jaxpr_matmul_flops
 
-  from jaxpost.losses import sft_loss
+  from jaxpost.losses import distill_batch_loss, sft_loss
   from jaxpost.losses.dpo import dpo_loss
   from jaxpost.models import init_params
   from jaxpost.peft import LoraConfig, init_lora, lora_loss
@@ -138,7 +145,14 @@ def bench_train(spec: dict) -> dict:
     batch = lm_batch(tokens)
     loss_fn = functools.partial(sft_loss, config=config)
     trainable, frozen = params, {}
-    if w == "lora":
+    if w == "distill":
+      d = spec["distill"]
+      teacher = jaxpost_config(d["teacher"])
+      loss_fn = functools.partial(distill_batch_loss, config=config, teacher_config=teacher,
+                                  kind=d["kind"], temperature=d["temperature"])
+      frozen = {"teacher_params": init_params(teacher, jax.random.key(spec["seed"] + 1),
+                                              dtype=jnp.float32)}
+    elif w == "lora":
       lo = spec["lora"]
       lora = LoraConfig(rank=lo["rank"], alpha=float(lo["alpha"]), targets=tuple(lo["targets"]))
       loss_fn = lora_loss(loss_fn, lora)
@@ -365,7 +379,7 @@ def main() -> None:
 
   common.log(f"jaxpost worker: {spec['workload']} on {jax.devices()[0].device_kind}")
   w = spec["workload"]
-  if w in ("sft", "lora", "dpo"):
+  if w in ("sft", "lora", "dpo", "distill"):
     result = bench_train(spec)
   elif w == "generate":
     result = bench_generate(spec)

@@ -22,6 +22,16 @@ What one timed step is, per workload (each step ends when its outputs are ready)
 * **dpo**: `DpoTrainer` (beta 0.1, sigmoid loss) with a reference model (a second `Llama3`
   with the same weights). A step is `trainer._prepare_inputs(TrainingInput)` (which runs the
   reference model's jitted log-prob pass) then the jitted train step: the loop's work.
+* **distill**: `tunix.distillation.DistillationTrainer` (a `PeftTrainer`) with
+  `strategies.LogitStrategy(temperature, alpha=1.0)`, set up as Tunix's
+  `examples/logit_distillation.ipynb` does: one forward function for student and teacher
+  returning the logits of the first T - 1 positions, one-hot next-token labels, positions and
+  a causal mask from the input mask. The student is the `Llama3` above, the teacher a
+  `Llama3` of `spec["distill"]["teacher"]`'s shape (seed + 1). `LogitStrategy` computes
+  temperature^2 x the token mean of KL(p_teacher || p_student), the only divergence it
+  offers; alpha 1 leaves out its cross-entropy term (it still computes the student's and the
+  teacher's cross-entropies, for its metrics). A step, as for DPO: `_prepare_inputs` (which
+  runs the teacher's jitted forward: full [B, T - 1, V] logits) then the jitted train step.
 * **generate**: `tunix.generate.sampler.Sampler` (KV cache of prompt + new tokens), greedy
   (temperature 0), `max_prompt_length` = the prompt length, an end token that is never
   produced (so every row generates all new tokens). A "step" is one `sampler(...)` call,
@@ -226,6 +236,62 @@ def bench_dpo(spec: dict, mesh) -> dict:
   tokens, _ = common.dpo_rows(spec)
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=count_params(trainer.model, nnx.Param))
+
+
+def bench_distill(spec: dict, mesh) -> dict:
+  """Logit-distillation steps with `DistillationTrainer` and `LogitStrategy`."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from tunix.distillation import distillation_trainer, strategies
+  from tunix.sft import sharding_utils, utils
+
+  d = spec["distill"]
+  vocab = spec["model"]["vocab_size"]
+  student = make_model(spec, mesh)
+  teacher = make_model(dict(spec, model=d["teacher"], seed=spec["seed"] + 1), mesh)
+
+  def forward(model, input_tokens, input_mask, positions, attention_mask):
+    del input_mask
+    logits, _ = model(input_tokens, positions, None, attention_mask)
+    return logits[:, :-1, :]  # the last position has no next token
+
+  def labels(input_tokens, input_mask, **kwargs):
+    del kwargs
+    return jax.nn.one_hot(input_tokens[:, 1:], vocab) * input_mask[:, 1:, None]
+
+  def gen_model_input_fn(x):
+    mask = x.input_mask.astype(bool)
+    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+            "positions": utils.build_positions_from_mask(mask),
+            "attention_mask": utils.make_causal_attn_mask(mask)}
+
+  strategy = strategies.LogitStrategy(student_forward_fn=forward, teacher_forward_fn=forward,
+                                      labels_fn=labels, temperature=d["temperature"], alpha=1.0)
+  config = distillation_trainer.TrainingConfig(eval_every_n_steps=10**9, max_steps=None,
+                                               pbar_description=None)
+  trainer = distillation_trainer.DistillationTrainer(
+      student_model=student, teacher_model=teacher, strategy=strategy,
+      optimizer=make_optimizer(spec), training_config=config,
+  ).with_gen_model_input_fn(gen_model_input_fn)
+  tokens = common.sft_tokens(spec)
+  example = distillation_trainer.TrainingInput(input_tokens=tokens,
+                                               input_mask=np.ones(tokens.shape, np.int32))
+  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
+  losses = []
+
+  def one():
+    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
+                                        config.data_sharding_axis)
+    loss, aux, grad_norm = train_step(inputs)
+    jax.block_until_ready((loss, aux, grad_norm, nnx.state(trainer.model, nnx.Param)))
+    losses.append(float(loss))
+    return loss
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  return dict(timing, data_digest=common.digest(tokens), losses=losses,
+              trainable_params=count_params(trainer.model, nnx.Param),
+              teacher_params=count_params(trainer.teacher_model, nnx.Param))
 
 
 def bench_generate(spec: dict, mesh) -> dict:
@@ -500,6 +566,8 @@ def main() -> None:
       result = bench_peft(spec, mesh, lora=w == "lora")
     elif w == "dpo":
       result = bench_dpo(spec, mesh)
+    elif w == "distill":
+      result = bench_distill(spec, mesh)
     elif w == "generate":
       result = bench_generate(spec, mesh)
     elif w == "grpo":
