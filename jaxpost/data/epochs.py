@@ -319,11 +319,13 @@ class EpochIterator(Iterator[dict[str, np.ndarray]]):
 
   def state(self) -> dict[str, Any]:
     """Where the iterator is, as JSON-serialisable values: the epoch, the batches already
-    taken in it, the curriculum batches taken, and a fingerprint of the data and settings
+    taken in it, the curriculum batches taken (with a curriculum), and a fingerprint of the data and settings
     (checked by `restore`)."""
-    return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
-            "curriculum_batch": self._curriculum_batch, "seed": self.seed,
-            "fingerprint": self._fingerprint}
+    state = {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
+             "seed": self.seed, "fingerprint": self._fingerprint}
+    if self._curriculum is not None:
+      state["curriculum_batch"] = self._curriculum_batch
+    return state
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Continues from `state` (from `state()` of an iterator over the same data and settings).
