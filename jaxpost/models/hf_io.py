@@ -111,7 +111,13 @@ def _set_path(tree, path, value):
   tree[path[-1]] = value
 
 
-def _check_folder(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+  """The safetensors files of an HF model folder (the index's shards, or every *.safetensors).
+
+  Raises:
+    CheckpointError: not a folder, no config.json, a bad index or a missing shard, or no
+      safetensors (pickle-only weights are refused, never opened); the message names the file.
+  """
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a folder (expected a Hugging Face model folder with "
                           "config.json and *.safetensors)")
@@ -219,7 +225,7 @@ def load_tensors(path: str | os.PathLike, *, maps_of: Callable, specs_of: Callab
   `unused(name, config)` names tensors that may be present and are ignored; `check(path,
   where)` runs first for layout-specific errors; `shape_hint` adds to a shape error."""
   path = Path(path)
-  files = _check_folder(path)
+  files = weight_files(path)
   config = read_config(path)
   readers = [SafetensorsFile(f) for f in files]
   where: dict[str, SafetensorsFile] = {}
@@ -289,7 +295,8 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return x.astype(dtype)
 
 
-def _parse_size(s: int | str) -> int:
+def parse_size(s: int | str) -> int:
+  """Bytes of a size given as an int or a string like "5GB", "500MB", "2GiB"."""
   if isinstance(s, int):
     return s
   units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -322,7 +329,7 @@ def write_tensors(path: str | os.PathLike, params: dict, maps: list, specs: dict
   are written as their effective weights."""
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  limit = _parse_size(max_shard_size)
+  limit = parse_size(max_shard_size)
   dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
 
   # Plan the shards from shapes alone, then materialise and write one shard at a time, so

@@ -1,9 +1,11 @@
 """A minimal, lazy safetensors reader and a streaming writer (numpy, with bfloat16).
 
 Reading memory-maps the file, so a tensor (or a slice of one) is only read when used: loading a
-sharded model never needs a second full copy of it in host memory. Writing streams one tensor
-at a time. Format: https://github.com/huggingface/safetensors (8-byte little-endian header
-length, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes).
+sharded model never needs a second full copy of it in host memory; `read` copies one tensor
+out with plain file reads (what a streaming merge uses). Writing streams one tensor at a time
+(`SafetensorsWriter`: the header first, then each tensor as it is made). Format:
+https://github.com/huggingface/safetensors (8-byte little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then the raw bytes).
 """
 
 from __future__ import annotations
@@ -133,31 +135,104 @@ class SafetensorsFile:
     buf = self._mmap[self._data_start + start:self._data_start + end]
     return buf.view(dtype).reshape(e["shape"])
 
+  def read(self, name: str) -> np.ndarray:
+    """A fresh, writable copy of the tensor, read with plain file reads (not through the
+    memory map): its pages are the caller's alone and freed with the array, so reading tensor
+    after tensor holds one tensor in memory, not every page mapped so far."""
+    e = self._entries[name]
+    start, end = e["data_offsets"]
+    out = np.empty(e["shape"], _DTYPES[e["dtype"]])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + start)
+      done = 0
+      while done < end - start:
+        n = f.readinto(view[done:])
+        if not n:
+          raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short (the file changed "
+                                 f"while it was read?); {_AGAIN}")
+        done += n
+    return out
+
+
+class SafetensorsWriter:
+  """Writes one .safetensors file a tensor at a time, so a file larger than memory can be
+  written from tensors made one by one.
+
+  The header (every name, dtype and shape, in order) is written first, then each tensor's
+  bytes as `write(name, array)` is called in that order. The file is written under a
+  temporary name and renamed into place by `close()` once every tensor is in, so a crash
+  never leaves a half file; leaving the `with` block by an exception removes it.
+
+      with SafetensorsWriter(path, [("a", np.float32, (2, 3))]) as w:
+        w.write("a", np.ones((2, 3), np.float32))
+  """
+
+  def __init__(self, path: str | os.PathLike, entries, metadata: dict[str, str] | None = None):
+    self.path = Path(path)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    self._order: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    for name, dtype, shape in entries:
+      dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+      if dtype not in _NAMES:
+        raise SafetensorsError(f"cannot write tensor {name!r} of dtype {dtype}")
+      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+      self._order.append((name, dtype, shape))
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    self._tmp = self.path.with_name(self.path.name + ".tmp")
+    self._file = open(self._tmp, "wb")  # pylint: disable=consider-using-with
+    self._file.write(struct.pack("<Q", len(blob)))
+    self._file.write(blob)
+    self._next = 0
+
+  def write(self, name: str, array: np.ndarray) -> None:
+    """Appends the next tensor; its name, dtype and shape must be the header's next entry."""
+    if self._next >= len(self._order):
+      raise SafetensorsError(f"{self.path}: tensor {name!r} is not in the header")
+    want, dtype, shape = self._order[self._next]
+    array = np.asarray(array)
+    if name != want or array.dtype != dtype or array.shape != shape:
+      raise SafetensorsError(f"{self.path}: expected tensor {want!r} {dtype} {list(shape)} next, "
+                             f"got {name!r} {array.dtype} {list(array.shape)}")
+    self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    self._next += 1
+
+  def close(self) -> None:
+    """Checks every tensor was written, syncs, and renames the file into place."""
+    if self._next != len(self._order):
+      self.abort()
+      raise SafetensorsError(f"{self.path}: closed after {self._next} of {len(self._order)} "
+                             f"tensors (next: {self._order[self._next][0]!r})")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    os.replace(self._tmp, self.path)
+
+  def abort(self) -> None:
+    """Closes and removes the temporary file (nothing appears under `path`)."""
+    self._file.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self) -> "SafetensorsWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
   """Writes `tensors` to `path` atomically (a temporary file renamed into place)."""
-  path = Path(path)
-  header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-  offset = 0
-  arrays = {}
-  for name, arr in tensors.items():
-    arr = np.asarray(arr)
-    if arr.dtype not in _NAMES:
-      raise SafetensorsError(f"cannot write tensor {name!r} of dtype {arr.dtype}")
-    nbytes = arr.size * arr.dtype.itemsize
-    header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-    arrays[name] = arr
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for arr in arrays.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  arrays = {name: np.asarray(arr) for name, arr in tensors.items()}
+  with SafetensorsWriter(path, [(n, a.dtype, a.shape) for n, a in arrays.items()],
+                         metadata) as writer:
+    for name, arr in arrays.items():
+      writer.write(name, arr)

@@ -108,6 +108,14 @@ def read_adapter_config(path: Path, required: tuple[str, ...]) -> dict:
   return config
 
 
+def check_adapter_options(ac: dict, cfg_path: Path) -> None:
+  """Refuses an adapter_config.json option that changes the math in a way jaxpost does not
+  honour (a trained bias, modules saved whole, rank / alpha patterns, ...), naming it."""
+  for key, neutral in _UNSUPPORTED.items():
+    if ac.get(key) not in (None, neutral):
+      raise ValueError(f"{cfg_path}: {key}={ac[key]!r} is not supported by jaxpost's LoRA")
+
+
 def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
                       dtype=jnp.float32) -> tuple[LoraConfig, dict]:
   """Reads a PEFT LoRA (or DoRA) folder into (LoraConfig, adapters) for `config`'s model."""
@@ -116,9 +124,7 @@ def load_peft_adapter(config: ModelConfig, path: str | os.PathLike,
   ac = read_adapter_config(path, ("target_modules", "r", "lora_alpha"))
   if ac.get("peft_type") != "LORA":
     raise ValueError(f"{cfg_path}: peft_type {ac.get('peft_type')!r} is not LORA")
-  for key, neutral in _UNSUPPORTED.items():
-    if ac.get(key) not in (None, neutral):
-      raise ValueError(f"{cfg_path}: {key}={ac[key]!r} is not supported by jaxpost's LoRA")
+  check_adapter_options(ac, cfg_path)
   modules = ac["target_modules"]
   modules = [modules] if isinstance(modules, str) else list(modules)
   by_hf = {v.split(".")[-1]: k for k, v in _HF_MODULE.items()}
