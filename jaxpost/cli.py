@@ -2,6 +2,7 @@
 
     jaxpost train CONFIG.yaml [key.path=value ...]   train (every algorithm, one command)
     jaxpost eval EVAL.yaml [key=value ...]           evaluate a model, or follow=RUN_DIR
+    jaxpost merge MERGE.yaml [key=value ...]         merge models (mergekit's YAML) to an HF folder
     jaxpost plot RUN_DIR                             draw a run's loss and metric curves (PNG)
     jaxpost generate MODEL_DIR --prompt "..."        chat with a local HF model folder
     jaxpost demo [--run-dir runs/demo]               build a tiny model on the spot and generate
@@ -87,6 +88,17 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _print_continual(result: dict) -> int:
+  """The accuracy matrix and forgetting metrics of a finished task sequence."""
+  names = result["tasks"]
+  print("accuracy (rows: after each stage; columns: " + ", ".join(names) + ")")
+  for label, row in [("before", result["before"]), *zip(names, result["accuracy"])]:
+    print(f"  {label:>12}: " + "  ".join(f"{x:.3f}" for x in row))
+  print(", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()))
+  print(f"forgetting report: {result['report']}")
+  return 0
+
+
 def _cmd_train(args) -> int:
   from jaxpost.config import load_config  # pylint: disable=import-outside-toplevel
 
@@ -94,6 +106,8 @@ def _cmd_train(args) -> int:
   from jaxpost.train.trainer import train  # pylint: disable=import-outside-toplevel
 
   summary = train(cfg)
+  if "continual" in summary:  # a stages: recipe (a task sequence)
+    return _print_continual(summary["continual"])
   run_dir = summary["run_dir"]
   final = summary["final_metrics"]
   print(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s; "
@@ -146,6 +160,28 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _cmd_merge(args) -> int:
+  from jaxpost.merge import load_merge_config  # pylint: disable=import-outside-toplevel
+
+  # mergekit's `mergekit-yaml CONFIG OUT` form: one argument without '=' is the output folder
+  folders = [o for o in args.overrides if "=" not in o]
+  overrides = [o for o in args.overrides if "=" in o]
+  if len(folders) > 1 or (folders and args.out):
+    raise ValueError(f"expected key=value overrides, got {folders[-1]!r} (the output folder is "
+                     "--out DIR, or one argument)")
+  cfg = load_merge_config(args.config, overrides)  # validated before anything is read
+  from jaxpost.merge import merge_folders  # pylint: disable=import-outside-toplevel
+
+  out = args.out or (folders[0] if folders else str(Path("runs") / Path(args.config).stem))
+  r = merge_folders(cfg, out, seed=args.seed, max_shard_size=args.max_shard_size)
+  print(f"merged {len(cfg.models)} models by {cfg.merge_method} into {r['out']}: {r['tensors']} "
+        f"tensors, {r['output_mib']:.1f} MiB, in {r['seconds']:.1f}s; peak memory "
+        f"{r['peak_rss_mib']:.0f} MiB resident (inputs {r['input_mib']:.0f} MiB, largest tensor "
+        f"{r['largest_tensor_mib']:.1f} MiB)")
+  print(f"evaluate it: jaxpost eval EVAL.yaml model={r['out']}")
+  return 0
+
+
 def _cmd_plot(args) -> int:
   from jaxpost.plot import plot_run  # pylint: disable=import-outside-toplevel
 
@@ -176,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("config", help="an EVAL.yaml (see configs/eval.yaml)")
   ev.add_argument("overrides", nargs="*", help="e.g. model=runs/dpo suites.arith.k=8")
   ev.set_defaults(func=_cmd_eval)
+  merge = sub.add_parser(
+      "merge", help="merge models (HF folders, runs, PEFT adapters) by a mergekit YAML config, "
+      "one tensor at a time, into a Hugging Face folder")
+  merge.add_argument("config", help="a mergekit YAML (see configs/merge_slerp.yaml)")
+  merge.add_argument("overrides", nargs="*",
+                     help="e.g. parameters.t=0.3 models.0.parameters.weight=0.7 (one argument "
+                     "without '=' is the output folder, as in mergekit-yaml CONFIG OUT)")
+  merge.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+  merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+  merge.add_argument("--max-shard-size", default="5GB", help="split the output above this size")
+  merge.set_defaults(func=_cmd_merge)
   plot = sub.add_parser("plot", help="draw a run's metrics to PNG files in RUN_DIR/plots")
   plot.add_argument("run_dir")
   plot.set_defaults(func=_cmd_plot)

@@ -265,7 +265,10 @@ RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_every_recipe_loads(recipe):
   """Every shipped recipe is a valid config (an evaluation recipe of `jaxpost eval`'s schema)."""
   from jaxpost.config import EvalConfig
-  if recipe.name.startswith("eval"):
+  if recipe.name.startswith("merge"):  # `jaxpost merge`: mergekit's schema
+    from jaxpost.merge import load_merge_config
+    assert load_merge_config(recipe).models
+  elif recipe.name.startswith("eval"):
     cfg = load_config(recipe, root=EvalConfig)
     assert cfg.suites
   else:  # sft.yaml is a template: the user names the model and the data

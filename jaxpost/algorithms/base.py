@@ -34,11 +34,14 @@ class Frozen:
   base: the frozen base model under LoRA / prompt tuning (None for full fine-tuning).
   reference: the reference model of DPO-style losses (None: none, or the base itself).
   teacher: a teacher model (distillation).
+  start: the trained tree's starting value, which `continual.l2_to_init` pulls it towards
+    (`jaxpost.train.trainable.l2_to_start`; None without it). Never seen by a loss.
   """
 
   base: Any = None
   reference: Any = None
   teacher: Any = None
+  start: Any = None
 
 
 class BatchSource(Protocol):

@@ -96,12 +96,11 @@ class OnPolicy:
   step, so `state()` / `restore()` resume exactly."""
 
   def __init__(self, run, offline, prompts):
-    from jaxpost.algorithms.curriculum import apply_curriculum  # pylint: disable=import-outside-toplevel
-    from jaxpost.rl.prompts import PromptOrder  # pylint: disable=import-outside-toplevel
-    self.run, self.offline, self.prompts = run, offline, prompts
-    t = run.cfg.train
-    self.order = PromptOrder(prompts, batch_size=t.batch_size, seed=t.seed)
-    apply_curriculum(run, self.order, None, run.data.path("sft", "train"))
+    from jaxpost.algorithms.replay import prompt_order  # pylint: disable=import-outside-toplevel
+    self.run, self.offline = run, offline
+    self.prompts, self.order = prompt_order(
+        run, prompts, batch_size=run.cfg.train.batch_size,
+        max_prompt_length=run.cfg.data.seq_len - run.cfg.distill.max_new_tokens)
     self.steps = 0
     self.on_policy_batches = 0
 

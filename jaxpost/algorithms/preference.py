@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxpost.algorithms.base import Algorithm, Offline, Policy, reference_sync
-from jaxpost.algorithms.curriculum import apply_curriculum
+from jaxpost.algorithms.replay import training_batches
 from jaxpost.data.preference import build_kto_batches, build_preference_batches
 from jaxpost.losses.dpo import dpo_loss, kto_loss, reference_logps
 
@@ -27,21 +27,21 @@ def preference_batches(run, split: str, kind: str, *, training: bool | None = No
                        policy: Policy | None = None) -> Offline | None:
   """The run's preference batches of `split`: pairs [B, 2, T] (`kind` "paired") or KTO rows
   (`kind` "unpaired"). Training batches (default for "train") are shuffled and endless, paced
-  by `data.curriculum` if set (its `loss` score needs the start `policy`); else one pass in
-  data order, padded to full batches. None where the run has no such data."""
+  by `data.curriculum` if set (its `loss` score needs the start `policy`) and mixed with
+  `data.replay` if set; else one pass in data order, padded to full batches. None where the
+  run has no such data."""
   d, t = run.cfg.data, run.cfg.train
   path = run.data.path(kind, split)
   if path is None:
     return None
   training = split == "train" if training is None else training
-  batches = _BUILDERS[kind](
-      path, run.tokenizer, seq_len=d.seq_len, batch_size=t.batch_size,
-      max_prompt_length=d.max_prompt_length, max_length=d.max_length, seed=t.seed,
-      on_bad_row=d.on_bad_row, shuffle=d.shuffle and training, epochs=None if training else 1,
-      drop_remainder=training)
+  build = functools.partial(
+      _BUILDERS[kind], tokenizer=run.tokenizer, seq_len=d.seq_len,
+      max_prompt_length=d.max_prompt_length, max_length=d.max_length, on_bad_row=d.on_bad_row,
+      shuffle=d.shuffle and training, epochs=None if training else 1, drop_remainder=training)
   if training:
-    apply_curriculum(run, batches, policy, path)
-  return Offline(batches)
+    return Offline(training_batches(run, build, path, kind, policy))
+  return Offline(build(path, batch_size=t.batch_size, seed=t.seed))
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from jaxpost.algorithms.base import Algorithm, Offline
-from jaxpost.algorithms.curriculum import apply_curriculum
+from jaxpost.algorithms.replay import training_batches
 from jaxpost.data import build_sft_batches
 from jaxpost.losses import sft_loss
 
@@ -26,23 +26,23 @@ def perplexity(metrics: dict[str, float]) -> dict[str, float]:
 def sft_batches(run, split: str, kind: str = "sft", path: str | None = None,
                 example_index: bool = False, policy=None) -> Offline | None:
   """The run's SFT batches of `split` (None where the run has no such data): shuffled and
-  endless for "train" (paced by `data.curriculum` if set; its `loss` score needs the start
-  `policy`), one pass padded to full batches for "eval". `path` replaces the run's file of
-  that split (e.g. seq-KD's teacher answers); `example_index` adds the field of that name
-  (`jaxpost.data.BatchIterator`)."""
+  endless for "train" (paced by `data.curriculum` if set, its `loss` score needs the start
+  `policy`; mixed with `data.replay` if set), one pass padded to full batches for "eval".
+  `path` replaces the run's file of that split (e.g. seq-KD's teacher answers);
+  `example_index` adds the field of that name (`jaxpost.data.BatchIterator`)."""
   d, t = run.cfg.data, run.cfg.train
   path = path or run.data.path(kind, split)
   if path is None:
     return None
   training = split == "train"
-  batches = build_sft_batches(
-      path, run.tokenizer, format=d.format, seq_len=d.seq_len, batch_size=t.batch_size,
-      pack=d.pack, seed=t.seed, max_length=d.max_length, on_bad_row=d.on_bad_row,
-      train_on=d.train_on, shuffle=d.shuffle and training, epochs=None if training else 1,
-      drop_remainder=training, example_index=example_index)
+  build = functools.partial(
+      build_sft_batches, tokenizer=run.tokenizer, format=d.format, seq_len=d.seq_len,
+      pack=d.pack, max_length=d.max_length, on_bad_row=d.on_bad_row, train_on=d.train_on,
+      shuffle=d.shuffle and training, epochs=None if training else 1, drop_remainder=training,
+      example_index=example_index)
   if training:
-    apply_curriculum(run, batches, policy, path)
-  return Offline(batches)
+    return Offline(training_batches(run, build, path, kind, policy))
+  return Offline(build(path, batch_size=t.batch_size, seed=t.seed))
 
 
 def make(run) -> Algorithm:

@@ -8,9 +8,11 @@ Sections and their checks live in `sections.py`; reading, overrides and type che
 `loader.py`. Every problem is a `ConfigError` (a `ValueError`) with a one-line message.
 """
 
+from jaxpost.config.continual import ContinualSection, ReplaySection
 from jaxpost.config.eval import EvalConfig, EvalSection, LmEvalSection, SuiteSection
 from jaxpost.config.loader import (apply_overrides, config_from_dict, config_to_dict,
-                                   load_config, save_config, suggest_key, valid_keys)
+                                   load_config, parse_value, read_yaml, save_config,
+                                   suggest_key, valid_keys)
 from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection,
                                      DistributedSection, DPOSection, KTOSection, LoraSection,
                                      MeshSection, ModelSection, OptimSection, PromptSection,
@@ -18,10 +20,10 @@ from jaxpost.config.sections import (CheckpointSection, ConfigError, DataSection
                                      TaskSection, TrainSection)
 
 __all__ = [
-    "CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DistributedSection",
+    "CheckpointSection", "ConfigError", "ContinualSection", "ReplaySection", "DPOSection", "DataSection", "DistributedSection",
     "EvalConfig", "EvalSection", "LmEvalSection", "SuiteSection",
     "KTOSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection", "PromptSection",
     "ReferenceSection", "RewardSection", "RunConfig", "Section", "TaskSection", "TrainSection",
-    "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "save_config",
-    "suggest_key", "valid_keys",
+    "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "parse_value",
+    "read_yaml", "save_config", "suggest_key", "valid_keys",
 ]

@@ -65,14 +65,38 @@ def _yaml_error(err: yaml.YAMLError, where: str) -> ConfigError:
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str, *, collections: bool = False) -> Any:
   """A YAML scalar (`100`, `3e-4`, `true`, `null`, `'quoted'`); anything that does not parse
-  as a scalar (`[a].jsonl`) stays the literal string."""
+  as a scalar (`[a].jsonl`) stays the literal string, unless `collections` allows YAML lists
+  and mappings (`[0, 0.5, 1]`)."""
   try:
     value = yaml.load(text, Loader=_Loader)  # nosec: _Loader is a SafeLoader
   except yaml.YAMLError:
     return text
-  return text if isinstance(value, (dict, list)) else value
+  return text if isinstance(value, (dict, list)) and not collections else value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+  """The mapping in the YAML file at `path` ({} for an empty file), read with the safe loader
+  (YAML 1.2 floats, duplicate keys refused).
+
+  Raises `ConfigError` naming the file: missing, unreadable, invalid YAML, not a mapping.
+  """
+  where = str(path)
+  try:
+    text = Path(path).read_text(encoding="utf-8")
+  except FileNotFoundError:
+    raise ConfigError(f"config file not found: {where}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"cannot read config file {where}: {e}") from None
+  try:
+    raw = yaml.load(text, Loader=_Loader)  # nosec: _Loader is a SafeLoader
+  except yaml.YAMLError as e:
+    raise _yaml_error(e, where) from None
+  raw = {} if raw is None else raw
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{where} must hold a mapping of sections, got {_shown(raw)}")
+  return raw
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
@@ -97,7 +121,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
         where = ".".join(parents[:i + 1])
         raise ConfigError(f"invalid override {text!r}: '{where}' is a value, not a section")
       node = child
-    node[leaf] = _parse_value(value)
+    node[leaf] = parse_value(value)
     sources[key] = f"override {text!r}"
   return sources
 
@@ -117,6 +141,12 @@ def _is_dataclass_type(hint: Any) -> bool:
   return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
 
+def _is_free_mapping(hint: Any) -> bool:
+  """A free-form mapping type (e.g. a stage's overrides): a dict subclass whose `of(value)`
+  freezes the YAML value; its keys are checked where it is used."""
+  return isinstance(hint, type) and issubclass(hint, dict) and hasattr(hint, "of")
+
+
 def _union_args(hint: Any) -> tuple[Any, ...] | None:
   if typing.get_origin(hint) in (typing.Union, types.UnionType):
     return typing.get_args(hint)
@@ -131,6 +161,10 @@ def _describe(hint: Any) -> str:
     return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
   if _is_dataclass_type(hint):
     return "a mapping (section)"
+  if typing.get_origin(hint) is tuple:
+    return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
+  if _is_free_mapping(hint):
+    return "a mapping"
   if typing.get_origin(hint) is dict:
     return "a mapping of named sections"
   return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
@@ -219,6 +253,17 @@ class _Builder:
       if value is not None and not isinstance(value, dict):
         raise self.type_error(key, shown, value)
       return self.build(hint, value, f"{key}.")
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list
+      item = typing.get_args(hint)[0]
+      if isinstance(value, str) and item is str:  # an override: comma-separated
+        value = [v.strip() for v in value.split(",") if v.strip()]
+      if not isinstance(value, (list, tuple)):
+        raise self.type_error(key, shown, value)
+      return tuple(self.coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if _is_free_mapping(hint):
+      if not isinstance(value, dict):
+        raise self.type_error(key, shown, value)
+      return hint.of(value)
     if typing.get_origin(hint) is dict:  # dict[str, Section]: named entries (eval suites)
       if value is None:
         return NamedSections()
@@ -376,30 +421,18 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
 
   Raises `ConfigError` (a `ValueError`) with a one-line message for any problem.
   """
-  path = Path(path)
-  where = str(path)
-  try:
-    text = path.read_text(encoding="utf-8")
-  except FileNotFoundError:
-    raise ConfigError(f"config file not found: {where}") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f"cannot read config file {where}: {e}") from None
-  try:
-    raw = yaml.load(text, Loader=_Loader)  # nosec: _Loader is a SafeLoader
-  except yaml.YAMLError as e:
-    raise _yaml_error(e, where) from None
-  raw = {} if raw is None else raw
-  if not isinstance(raw, dict):
-    raise ConfigError(f"{where} must hold a mapping of sections, got {_shown(raw)}")
+  raw = read_yaml(path)
   sources = apply_overrides(raw, overrides)
-  return config_from_dict(raw, source=where, sources=sources, root=root)
+  return config_from_dict(raw, source=str(path), sources=sources, root=root)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
   """The config tree as plain nested dicts (YAML/JSON-ready)."""
 
   def plain(x):
-    return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else x
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
   return plain(dataclasses.asdict(cfg))
 

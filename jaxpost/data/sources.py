@@ -295,9 +295,10 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
   return datasets.load_dataset(name, split=split)
 
 
-def read_rows(source: str | Path | datasets.Dataset, *, split: str = "train",
+def read_rows(source: str | Path | datasets.Dataset | list[Row], *, split: str = "train",
               label: str | None = None) -> list[Row]:
-  """Every row of `source` (a local file or folder, a hub name, or a `datasets.Dataset`).
+  """Every row of `source` (a local file or folder, a hub name, a `datasets.Dataset`, or rows
+  read before, e.g. a replay buffer's, which come back as they are, origins kept).
 
   Unreadable rows (invalid JSON, a non-object line, a JSON line that is not UTF-8) come back as
   `Row(where, DataError)` instead of raising, so that the caller decides whether to stop or
@@ -308,6 +309,8 @@ def read_rows(source: str | Path | datasets.Dataset, *, split: str = "train",
       a file cannot be read at all (a csv or JSON array file that is not UTF-8, invalid JSON
       in a JSON array, a file that is not parquet).
   """
+  if isinstance(source, list) and source and all(isinstance(r, Row) for r in source):
+    return list(source)
   if not isinstance(source, (str, Path)):
     return _nonempty(_dataset_rows(source, label or "dataset"), label or "dataset")
   if not _is_local(source):

@@ -89,7 +89,8 @@ def _thin(checkpoints: list[int], most: int = MAX_CHECKPOINT_COLUMNS) -> list[in
   return [checkpoints[i] for i in sorted({round(j * (n - 1) / (most - 1)) for j in range(most)})]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """The lines of a Markdown table: the first column left-aligned, the others right."""
   rule = "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"
   return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -160,7 +161,7 @@ def write_report(eval_dir: str | os.PathLike, *, title: str | None = None,
       rows.append([_split(name)[1]] + [
           _cell(v, decimals, None if step == 0 else reference.get(name))
           for step, v in zip(columns, values)])
-    lines += [f"### {suite}", ""] + _table(header, rows) + [""]
+    lines += [f"### {suite}", ""] + markdown_table(header, rows) + [""]
   if len(shown) < len(checkpoints):
     lines += [(f"Showing {len(shown)} of {len(checkpoints)} checkpoints (the first, the last "
                "and evenly spaced ones between); the curves and metrics.jsonl hold them all."), ""]
@@ -178,7 +179,8 @@ def write_report(eval_dir: str | os.PathLike, *, title: str | None = None,
     decimals = [_decimals([evals[s].get(n) for s in speed_steps]) for n in speed]
     rows = [[reference_label if s == 0 else f"step {s}"]
             + [_cell(evals[s].get(n), d) for n, d in zip(speed, decimals)] for s in speed_steps]
-    lines += ["## Speed", ""] + _table(["step"] + [n.removeprefix("eval/") for n in speed], rows)
+    lines += ["## Speed", ""] + markdown_table(
+        ["step"] + [n.removeprefix("eval/") for n in speed], rows)
     lines += [""]
 
   report = eval_dir / REPORT_FILE

@@ -45,8 +45,8 @@ from jaxpost.data import pad_id_of
 from jaxpost.losses.rl import group_advantages, reinforce_pp_advantages, rloo_advantages
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import forward
-from jaxpost.algorithms.curriculum import apply_curriculum
-from jaxpost.rl.prompts import Prompt, PromptOrder
+from jaxpost.algorithms.replay import prompt_order
+from jaxpost.rl.prompts import Prompt
 from jaxpost.sampling import generate
 
 STATE_VERSION = 1
@@ -143,9 +143,9 @@ class RolloutSource:
     self.rows_per_rollout = t.batch_size * rl.mini_batches
     # a pair per prompt (online DPO), else G rows per prompt
     self.num_prompts = self.rows_per_rollout // (1 if pairs else self.group)
-    self.order = PromptOrder(self.prompts, batch_size=self.num_prompts, seed=t.seed,
-                             shuffle=run.cfg.data.shuffle)
-    apply_curriculum(run, self.order, None, run.data.path("sft", "train"))
+    self.prompts, self.order = prompt_order(run, self.prompts, batch_size=self.num_prompts,
+                                            shuffle=run.cfg.data.shuffle,
+                                            max_prompt_length=run.cfg.data.max_prompt_length)
     self.prompt_width = _round_up(max(len(p.ids) for p in self.prompts), 8)
     self.width = _round_up(self.prompt_width + rl.max_new_tokens, 8)
     self.key = jax.random.fold_in(jax.random.key(t.seed), 0x5EED)

@@ -11,9 +11,10 @@ Unpaired rows (KTO), two per question, a desirable and an undesirable one, in a 
     {"prompt": [...], "completion": [assistant: "42"], "label": true, "answer": "42"}
     {"prompt": [...], "completion": [assistant: "32"], "label": false, "answer": "42"}
 
-The wrong answer is a slip a model could make: the sum off by one or by ten (a dropped or
-doubled carry) or with its last two digits swapped; never the right sum, never negative, and
-the same for a question and seed every time.
+The wrong answer is a slip a model could make: the answer off by one or by ten (a dropped or
+doubled carry) or with its last two digits swapped; never the right answer, of the same sign
+(never negative for a sum or product), and the same for a question and seed every time. Every
+operation of `arithmetic.OPS` has its pairs (`op`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ KINDS = ("paired", "unpaired")
 
 
 def wrong_answer(answer: str, rng: random.Random) -> str:
-  """A plausible wrong sum for `answer` (digits): off by +-1 or +-10, or the last two digits
-  swapped; never `answer`, never negative."""
+  """A plausible wrong answer for `answer` (an integer): off by +-1 or +-10, or the last two
+  digits swapped; never `answer`, and of its sign (never negative for a non-negative one)."""
   s = int(answer)
   candidates = {s + 1, s - 1, s + 10, s - 10}
-  if len(answer) >= 2 and answer[-1] != answer[-2] and (len(answer) > 2 or answer[-1] != "0"):
+  digits = answer.lstrip("-")
+  if len(digits) >= 2 and digits[-1] != digits[-2] and (len(digits) > 2 or digits[-1] != "0"):
     candidates.add(int(answer[:-2] + answer[-1] + answer[-2]))
-  return str(rng.choice(sorted(c for c in candidates if c >= 0 and c != s)))
+  return str(rng.choice(sorted(c for c in candidates if (c >= 0) == (s >= 0) and c != s)))
 
 
 def _rng(seed: int, question: str) -> random.Random:
@@ -67,12 +69,12 @@ def unpair(rows: list[dict], *, seed: int = 0) -> list[dict]:
 
 
 def make_preference_split(*, max_operand: int = 50, num_eval: int = 200, seed: int = 0,
-                          kind: str = "paired") -> tuple[list[dict], list[dict]]:
+                          kind: str = "paired", op: str = "add") -> tuple[list[dict], list[dict]]:
   """(train_rows, eval_rows) of `kind` "paired" or "unpaired", over `arithmetic.make_split`'s
-  questions (the eval questions held out of train)."""
+  questions of `op` (the eval questions held out of train)."""
   if kind not in KINDS:
     raise ValueError(f"kind should be one of {KINDS}, got {kind!r}.")
-  splits = arithmetic.make_split(max_operand=max_operand, num_eval=num_eval, seed=seed)
+  splits = arithmetic.make_split(max_operand=max_operand, num_eval=num_eval, seed=seed, op=op)
   out = tuple([pair_row(r, seed=seed) for r in rows] for rows in splits)
   if kind == "unpaired":
     out = tuple(unpair(rows, seed=seed) for rows in out)
@@ -80,11 +82,13 @@ def make_preference_split(*, max_operand: int = 50, num_eval: int = 200, seed: i
 
 
 def write_preference_dataset(folder: str | Path, *, max_operand: int = 50, num_eval: int = 200,
-                             seed: int = 0, kind: str = "paired") -> tuple[Path, Path]:
+                             seed: int = 0, kind: str = "paired",
+                             op: str = "add") -> tuple[Path, Path]:
   """Writes {kind}_train.jsonl and {kind}_eval.jsonl into `folder`; returns their paths."""
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  splits = make_preference_split(max_operand=max_operand, num_eval=num_eval, seed=seed, kind=kind)
+  splits = make_preference_split(max_operand=max_operand, num_eval=num_eval, seed=seed, kind=kind,
+                                 op=op)
   paths = []
   for name, rows in zip(("train", "eval"), splits):
     path = folder / f"{kind}_{name}.jsonl"

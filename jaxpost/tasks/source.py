@@ -52,8 +52,9 @@ class ArithmeticTask:
   """`jaxpost.tasks.arithmetic`'s questions, as chat rows (SFT), preference pairs or KTO rows;
   `exact_match_rows()` are the held-out questions with their answers."""
 
-  def __init__(self, *, max_operand: int, num_eval: int, seed: int, folder: Path):
-    self.settings = dict(max_operand=max_operand, num_eval=num_eval, seed=seed)
+  def __init__(self, *, max_operand: int, num_eval: int, seed: int, folder: Path,
+               op: str = "add"):
+    self.settings = dict(max_operand=max_operand, num_eval=num_eval, seed=seed, op=op)
     self.folder = folder
     self._paths: dict[str, tuple[Path, Path]] = {}
 
@@ -87,4 +88,4 @@ def data_source(cfg, run_dir: Path) -> FileData | ArithmeticTask:
     return FileData(cfg.data.train, cfg.data.eval)
   t = cfg.task
   return ArithmeticTask(max_operand=t.max_operand, num_eval=t.num_eval, seed=cfg.train.seed,
-                        folder=Path(run_dir) / "data")
+                        folder=Path(run_dir) / "data", op=t.op)

@@ -34,7 +34,7 @@ from jaxpost.tokenizer import Tokenizer, load_tokenizer
 from jaxpost.errors import TrainingError
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
-from jaxpost.train.trainable import Trainable, make_trainable, trainable_loss
+from jaxpost.train.trainable import Trainable, make_trainable, start_anchor, trainable_loss
 
 # An algorithm, a factory `run -> Algorithm`, or None (the registry's, by `cfg.algorithm`).
 AlgorithmArg = Algorithm | Callable[["Run"], Algorithm] | None
@@ -127,7 +127,8 @@ class Run:
   def step(self):
     """The compiled update step `step(state, batch, frozen) -> (state, metrics)`."""
     a, t = self.algorithm, self.cfg.train
-    loss = trainable_loss(self.trainable, a.loss, training=True, reference=a.needs_reference)
+    loss = trainable_loss(self.trainable, a.loss, training=True, reference=a.needs_reference,
+                          l2_to_init=self.cfg.continual.l2_to_init)
     return make_train_step(loss, self.optimizer, state_sharding=self.state_shardings,
                            batch_sharding=self.batch_sharding,
                            frozen_sharding=self.frozen_shardings, micro_batches=t.micro_batches,
@@ -159,6 +160,15 @@ class Run:
     return [d for d in (final, out_dir / "adapter") if d.exists()]
 
 
+def make_tiny_model(cfg: RunConfig, folder: Path, corpus) -> Path:
+  """The tiny model of `cfg.model` (`tiny_hidden_size` x `tiny_num_layers`, seeded by
+  `train.seed`) with a tokenizer trained on `corpus`, made in `folder`."""
+  from jaxpost import tiny  # pylint: disable=import-outside-toplevel
+  m = cfg.model
+  return tiny.make_model(folder, corpus, seed=cfg.train.seed, hidden_size=m.tiny_hidden_size,
+                         num_layers=m.tiny_num_layers, intermediate_size=4 * m.tiny_hidden_size)
+
+
 def _model_dir(cfg: RunConfig, run_dir: Path, data, *, create: bool) -> Path:
   if cfg.model.tiny:
     model_dir = run_dir / "model"
@@ -166,11 +176,7 @@ def _model_dir(cfg: RunConfig, run_dir: Path, data, *, create: bool) -> Path:
       if not create:
         raise TrainingError(f"{model_dir} is missing: this run's tiny model (model.tiny=true) "
                             "was never made, or was removed")
-      from jaxpost import tiny  # pylint: disable=import-outside-toplevel
-      m = cfg.model
-      tiny.make_model(model_dir, data.corpus(), seed=cfg.train.seed,
-                      hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
-                      intermediate_size=4 * m.tiny_hidden_size)
+      make_tiny_model(cfg, model_dir, data.corpus())
     return model_dir
   model_dir = Path(cfg.model.path)
   if not model_dir.exists():
@@ -212,6 +218,9 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
       params, run.rng, reference=training and algorithm.needs_reference,
       moving_reference=algorithm.moving_reference, reference_of=algorithm.reference_of)
   run.frozen_shardings = run.trainable.frozen_shardings(run.frozen)
+  if training and cfg.continual.l2_to_init > 0:  # the anchor of the L2 pull: the start tree
+    run.frozen = run.frozen.replace(start=start_anchor(run.tree))
+    run.frozen_shardings = run.frozen_shardings.replace(start=run.trainable.shardings)
   if training and algorithm.frozen_teacher is not None:
     teacher, teacher_shardings = algorithm.frozen_teacher()
     run.frozen = run.frozen.replace(teacher=teacher)

@@ -221,17 +221,45 @@ def make_trainable(cfg: RunConfig, config: ModelConfig, p_shard, mesh, *, tokeni
   return Full(config, p_shard)
 
 
+def l2_to_start(tree, start) -> jax.Array:
+  """||tree - start||^2 / 2 over every leaf, in float32: the L2 pull towards the start weights
+  (its gradient is tree - start). For continual learning this is L2-init, the isotropic
+  special case of EWC's quadratic penalty (Kirkpatrick et al. 2017)."""
+  sq = [jnp.sum(jnp.square(t.astype(jnp.float32) - s.astype(jnp.float32)))
+        for t, s in zip(jax.tree.leaves(tree), jax.tree.leaves(start))]
+  return 0.5 * sum(sq, jnp.float32(0))
+
+
+def start_anchor(tree) -> Any:
+  """The `Frozen.start` of `continual.l2_to_init`: a copy of the trainable tree as it starts
+  (the whole model's params, the LoRA adapters or the prompt)."""
+  return _copy(tree)
+
+
 def trainable_loss(trainable: Trainable, loss: Callable, *, training: bool,
-                   reference: bool) -> Callable:
+                   reference: bool, l2_to_init: float = 0.0) -> Callable:
   """`loss(model_params, batch, rng, frozen)` as a loss over the trainable tree for the update
   step: `(tree, batch, rng, frozen) -> (loss, metrics)`. The loss sees the model with the
   trainable attached (LoRA dropout on only when `training`) and a `Frozen` whose `reference` is
-  the reference model's full params (with `reference`; else None)."""
+  the reference model's full params (with `reference`; else None).
+
+  `l2_to_init` > 0 adds l2_to_init x ||tree - frozen.start||^2 / 2 (`l2_to_start`) and reports
+  `distance_to_init` (||tree - start||) and `l2_penalty`. The pull is on the trained tree, so
+  under LoRA it pulls the adapters to their initial values (B to 0: the merged update s A B
+  shrinks towards the model the run started from) with no copy of the base, and it is the
+  same term for every algorithm. It is the same in every micro-batch, so accumulation keeps it
+  exact."""
 
   def step_loss(tree, batch, rng, frozen: Frozen):
     model = trainable.model(tree, frozen, dropout_rng(rng) if training else None)
     ref = trainable.reference(tree, frozen) if reference else None
     seen = Frozen(reference=ref, teacher=frozen.teacher)
-    return loss(model, batch, rng, seen)
+    value, metrics = loss(model, batch, rng, seen)
+    if not l2_to_init:
+      return value, metrics
+    half_sq = l2_to_start(tree, frozen.start)
+    penalty = l2_to_init * half_sq
+    return value + penalty, {**metrics, "l2_penalty": penalty,
+                             "distance_to_init": jnp.sqrt(2.0 * half_sq)}
 
   return step_loss

@@ -103,7 +103,13 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   `algorithm`: an `Algorithm`, a factory `run -> Algorithm`, or None for `cfg.algorithm`.
   Returns a summary: final metrics, the exported model folder, the held-out headline metric
   and, for a task with `exact_match`, the held-out accuracy before and after.
+
+  A recipe with `stages:` is a task sequence (`jaxpost.continual.train_stages`): each stage is
+  such a run in RUN_DIR/stage_<i>, and the summary adds `continual` (the forgetting report).
   """
+  if cfg.stages:
+    from jaxpost.continual import train_stages  # pylint: disable=import-outside-toplevel
+    return train_stages(cfg, algorithm=algorithm, on_step=on_step)
   run = build(cfg, algorithm)
   log(run.trainable.describe)
   checkpointer = _checkpointer(cfg, run.run_dir)
