@@ -133,9 +133,16 @@ def distill_batch_loss(params, batch: dict, rng: jax.Array, teacher_params, *,
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
   div = chunked_divergence(config, params, hidden, teacher_config, teacher, t_hidden, mask,
                            kind=kind, beta=beta, temperature=temperature, chunk=chunk) / tokens
+  return _with_sft(div, config, params, hidden, batch["targets"], mask, sft_weight)
+
+
+def _with_sft(div, config, params, hidden, targets, mask, sft_weight):
+  """(div + sft_weight * cross-entropy, metrics): the batch losses' shared ending; `mask` is
+  float [B, T] and `div` already a token mean."""
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
   loss, metrics = div, {"divergence": jax.lax.stop_gradient(div), "weight": jnp.sum(mask)}
   if sft_weight:
-    nll = token_nll(config, params, hidden, batch["targets"], mask) / tokens
+    nll = token_nll(config, params, hidden, targets, mask) / tokens
     loss = loss + sft_weight * nll
     metrics["nll"] = jax.lax.stop_gradient(nll)
   return loss, metrics
@@ -201,11 +208,5 @@ def distill_topk_batch_loss(params, batch: dict, rng: jax.Array, *, config: Mode
     return total + jnp.sum(jnp.where(m_BxC > 0, d, 0.0)), None
 
   total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, ids, t_logp, t_rest, m))
-  tokens = jnp.maximum(jnp.sum(mask), 1.0)
-  div = total / tokens
-  loss, metrics = div, {"divergence": jax.lax.stop_gradient(div), "weight": jnp.sum(mask)}
-  if sft_weight:
-    nll = token_nll(config, params, hidden, batch["targets"], mask) / tokens
-    loss = loss + sft_weight * nll
-    metrics["nll"] = jax.lax.stop_gradient(nll)
-  return loss, metrics
+  div = total / jnp.maximum(jnp.sum(mask), 1.0)
+  return _with_sft(div, config, params, hidden, batch["targets"], mask, sft_weight)
