@@ -160,12 +160,34 @@ def count_params(model, param_type) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, param_type)))
 
 
+def time_trainer_steps(trainer, config, example, spec: dict, wrt) -> tuple[dict, list[float]]:
+  """Times the steps of a Tunix trainer (SFT/PEFT, DPO, distillation) as its loop runs them:
+  `_prepare_inputs` (the reference's or the teacher's forward, where there is one),
+  `shard_input`, the jitted train step; waits for the loss, the metrics and the updated
+  `wrt` parameters. Returns (`common.time_steps`' timing, the loss of every step)."""
+  import jax
+  from flax import nnx
+  from tunix.sft import sharding_utils
+
+  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
+  losses = []
+
+  def one():
+    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
+                                        config.data_sharding_axis)
+    loss, aux, grad_norm = train_step(inputs)
+    jax.block_until_ready((loss, aux, grad_norm, nnx.state(trainer.model, wrt)))
+    losses.append(float(loss))
+    return loss
+
+  return common.time_steps(one, spec["warmup"], spec["steps"]), losses
+
+
 def bench_peft(spec: dict, mesh, lora: bool) -> dict:
   """Full-parameter SFT or LoRA SFT steps with `PeftTrainer`."""
-  import jax
   import numpy as np
   from flax import nnx
-  from tunix.sft import peft_trainer, sharding_utils, utils
+  from tunix.sft import peft_trainer, utils
 
   model = make_model(spec, mesh)
   if lora:
@@ -184,19 +206,8 @@ def bench_peft(spec: dict, mesh, lora: bool) -> dict:
   tokens = common.sft_tokens(spec)
   example = peft_trainer.TrainingInput(input_tokens=tokens,
                                        input_mask=np.ones(tokens.shape, np.int32))
-  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
   wrt = nnx.LoRAParam if lora else nnx.Param
-  losses = []
-
-  def one():
-    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
-                                        config.data_sharding_axis)
-    loss, _, grad_norm = train_step(inputs)
-    jax.block_until_ready((loss, grad_norm, nnx.state(trainer.model, wrt)))
-    losses.append(float(loss))
-    return loss
-
-  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  timing, losses = time_trainer_steps(trainer, config, example, spec, wrt)
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=count_params(trainer.model, wrt),
               lora_enabled=utils.is_lora_enabled(trainer.model))
@@ -204,10 +215,8 @@ def bench_peft(spec: dict, mesh, lora: bool) -> dict:
 
 def bench_dpo(spec: dict, mesh) -> dict:
   """DPO steps with `DpoTrainer` and a reference model."""
-  import jax
   import numpy as np
   from flax import nnx
-  from tunix.sft import sharding_utils
   from tunix.sft.dpo import dpo_trainer
 
   model = make_model(spec, mesh)
@@ -221,18 +230,7 @@ def bench_dpo(spec: dict, mesh) -> dict:
   example = dpo_trainer.TrainingInput(
       prompt_ids=prompt, prompt_mask=ones(prompt), chosen_ids=chosen,
       chosen_mask=ones(chosen), rejected_ids=rejected, rejected_mask=ones(rejected))
-  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
-  losses = []
-
-  def one():
-    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
-                                        config.data_sharding_axis)
-    loss, aux, grad_norm = train_step(inputs)
-    jax.block_until_ready((loss, aux, grad_norm, nnx.state(trainer.model, nnx.Param)))
-    losses.append(float(loss))
-    return loss
-
-  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  timing, losses = time_trainer_steps(trainer, config, example, spec, nnx.Param)
   tokens, _ = common.dpo_rows(spec)
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=count_params(trainer.model, nnx.Param))
@@ -244,7 +242,7 @@ def bench_distill(spec: dict, mesh) -> dict:
   import numpy as np
   from flax import nnx
   from tunix.distillation import distillation_trainer, strategies
-  from tunix.sft import sharding_utils, utils
+  from tunix.sft import utils
 
   d = spec["distill"]
   vocab = spec["model"]["vocab_size"]
@@ -277,18 +275,7 @@ def bench_distill(spec: dict, mesh) -> dict:
   tokens = common.sft_tokens(spec)
   example = distillation_trainer.TrainingInput(input_tokens=tokens,
                                                input_mask=np.ones(tokens.shape, np.int32))
-  train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
-  losses = []
-
-  def one():
-    inputs = sharding_utils.shard_input(trainer._prepare_inputs(example),
-                                        config.data_sharding_axis)
-    loss, aux, grad_norm = train_step(inputs)
-    jax.block_until_ready((loss, aux, grad_norm, nnx.state(trainer.model, nnx.Param)))
-    losses.append(float(loss))
-    return loss
-
-  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  timing, losses = time_trainer_steps(trainer, config, example, spec, nnx.Param)
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=count_params(trainer.model, nnx.Param),
               teacher_params=count_params(trainer.teacher_model, nnx.Param))
