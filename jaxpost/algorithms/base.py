@@ -18,7 +18,8 @@ reference: the base with the adapters off) and `base` is None.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import jax
 import numpy as np
@@ -102,6 +103,19 @@ class Offline:
 
   def __getattr__(self, name: str) -> Any:  # stats, num_examples, fingerprint, ...
     return getattr(self.__dict__["batches"], name)
+
+
+def save_on_first_process(path: Path, save: Callable[[IO[bytes]], None]) -> None:
+  """Writes a file a batch source computed once (precomputed reference log-probs, curriculum
+  scores, a teacher's top K) on the first process only: `save(file)` into `path`.tmp, then
+  renamed into place, so a killed run never leaves half a file to be read back."""
+  if jax.process_index() != 0:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    save(f)
+  tmp.replace(path)
 
 
 def _unchanged(params: Any, rng: jax.Array) -> Any:

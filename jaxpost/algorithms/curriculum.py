@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.algorithms.base import save_on_first_process
 from jaxpost.config import ConfigError
 from jaxpost.data import BatchIterator
 from jaxpost.data.curriculum import Curriculum, row_scores
@@ -59,11 +60,7 @@ def start_losses(run, iterator: EpochIterator, policy, *, batch_size: int = 16) 
     np.add.at(total, batch["example_index"][mask], nll[mask])
     np.add.at(count, batch["example_index"][mask], 1.0)
   losses = total / np.maximum(count, 1.0)
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, losses)
-    tmp.replace(path)
+  save_on_first_process(path, lambda f: np.save(f, losses))
   return losses
 
 

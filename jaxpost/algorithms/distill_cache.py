@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.algorithms.base import Offline
+from jaxpost.algorithms.base import Offline, save_on_first_process
 from jaxpost.algorithms.distill import load_teacher, teacher_folder
 from jaxpost.algorithms.sft import sft_batches
 from jaxpost.data.epochs import example_bytes, fingerprint_of
@@ -169,13 +169,7 @@ def load_or_compute(run, section, examples: dict[str, Sequence[Example]],
   for split in [s for s in paths if s not in tables]:  # one order on every process
     start = time.perf_counter()
     tables[split] = table = compute_topk(run, section, config, params, examples[split], k)
-    if jax.process_index() == 0:
-      path = paths[split]
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(path.name + ".tmp")
-      with open(tmp, "wb") as f:
-        np.savez(f, **dataclasses.asdict(table))
-      tmp.replace(path)
+    save_on_first_process(paths[split], lambda f, t=table: np.savez(f, **dataclasses.asdict(t)))
     log(f"distill: the teacher's top {k} over the {split} examples ({len(examples[split])}; "
         f"{len(table.rest)} trained tokens) in {time.perf_counter() - start:.1f}s -> "
         f"{paths[split]}")

@@ -15,7 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpost.algorithms.base import Algorithm, Offline, Policy, reference_sync
+from jaxpost.algorithms.base import (Algorithm, Offline, Policy, reference_sync,
+                                    save_on_first_process)
 from jaxpost.algorithms.replay import training_batches
 from jaxpost.data.preference import build_kto_batches, build_preference_batches
 from jaxpost.losses.dpo import dpo_loss, kto_loss, reference_logps
@@ -83,11 +84,7 @@ def with_reference_logps(run, source: Offline, split: str, kind: str,
     for batch in preference_batches(run, split, kind, training=False):
       index = batch["index"]
       table[index[index >= 0]] = score(batch)[index >= 0]
-    if jax.process_index() == 0:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(".tmp.npy")
-      np.save(tmp, table)
-      tmp.replace(path)
+    save_on_first_process(path, lambda f: np.save(f, table))
     print(f"reference log-probs of {len(table)} items precomputed into {path}", flush=True)
   return Offline(source.batches, _with_table(table))
 
