@@ -88,7 +88,7 @@ def last_token_index(segment_ids_BxT: jax.Array) -> jax.Array:
 
 def rewards(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
             segment_ids_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
-            compute_dtype=None, remat: bool = False) -> jax.Array:
+            compute_dtype=None, remat: bool = False, attention: str = "auto") -> jax.Array:
   """r [B] float32: the head on the final hidden state (after the final norm) at each row's
   last non-padding token.
 
@@ -102,7 +102,7 @@ def rewards(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
   A row of padding only gets a finite reward of no meaning (give it weight 0).
   """
   out = forward(config, params, tokens_BxT, positions=positions_BxT, segment_ids=segment_ids_BxT,
-                compute_dtype=compute_dtype, remat=remat, compute_logits=False)
+                compute_dtype=compute_dtype, remat=remat, attention=attention, compute_logits=False)
   last_B = last_token_index(segment_ids_BxT)
   h_BxD = jnp.take_along_axis(out.final_hidden, last_B[:, None, None], axis=1)[:, 0]
   return jnp.einsum("bd,d->b", h_BxD.astype(jnp.float32), params[SCORE].astype(jnp.float32))
@@ -116,7 +116,8 @@ def rewards(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
 def reward_loss(params: dict, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                 config: ModelConfig, margin: float | None = None,
                 center_coefficient: float = 0.0, compute_dtype=None,
-                remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                remat: bool = False, attention: str = "auto"
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The Bradley–Terry loss over preference pairs, with margin and reward centering.
 
   With r_w, r_l the rewards of the chosen and rejected sequence of a pair (`rewards`), m its
@@ -158,7 +159,7 @@ def reward_loss(params: dict, batch: Mapping[str, jax.Array], rng: jax.Array, *,
   positions = batch.get("positions")
   r_2B = rewards(config, params, flat(tokens_Bx2xT), flat(batch["segment_ids"]),
                  None if positions is None else flat(positions), compute_dtype=compute_dtype,
-                 remat=remat)
+                 remat=remat, attention=attention)
   r_Bx2 = r_2B.reshape(B, 2)
   chosen_B, rejected_B = r_Bx2[:, 0], r_Bx2[:, 1]
   w_B = jnp.all(jnp.any(batch["segment_ids"] != 0, axis=-1), axis=-1).astype(jnp.float32)

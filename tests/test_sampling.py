@@ -157,3 +157,77 @@ def test_draws_follow_the_filtered_distribution():
     se = np.sqrt(probs * (1 - probs) / len(tokens)) + 1e-12
     assert np.all(np.abs(freq - probs) <= 4 * se), (freq, probs)
     assert np.all(freq[probs == 0] == 0)
+
+
+def _sorted_filter(logits, temperature, top_k, top_p):
+  """The filters by sorting (numpy float64): the reference `Sampler.filter_logits` must keep
+  the same tokens as."""
+  x = np.asarray(logits, np.float64) / temperature
+  if top_k is not None:
+    kth = np.sort(x, axis=-1)[:, ::-1][:, top_k - 1:top_k]
+    x = np.where(x < kth, -np.inf, x)
+  if top_p is not None:
+    s = np.sort(x, axis=-1)[:, ::-1]
+    probs = np.exp(s - s[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    before = np.cumsum(probs, axis=-1) - probs
+    threshold = np.where(before < top_p, s, np.inf).min(-1, keepdims=True)
+    x = np.where(x < threshold, -np.inf, x)
+  return np.isfinite(x)
+
+
+def test_filters_by_bisection_keep_what_sorting_keeps():
+  """top-k / top-p thresholds found by bisection keep exactly the tokens a sort keeps, ties
+  (logits rounded to a coarse grid) and negative / positive logits included."""
+  rng = np.random.default_rng(0)
+  fine = rng.normal(size=(6, 500)) * 3
+  coarse = np.round(fine)  # many ties
+  for logits in (fine, coarse):
+    logits = jnp.asarray(logits, jnp.float32)
+    for t, k, p in ((1.0, 7, None), (0.7, 40, None), (1.0, None, 0.5), (1.3, None, 0.93),
+                    (0.9, 100, 0.8), (1.0, 1, None), (1.0, None, 1e-6)):
+      got = np.isfinite(np.asarray(Sampler(t, top_k=k, top_p=p).filter_logits(logits)))
+      np.testing.assert_array_equal(got, _sorted_filter(logits, t, k, p), err_msg=str((t, k, p)))
+
+
+def test_token_stats_equal_log_softmax():
+  """One pass of softmax statistics gives log_softmax's log-probs and entropy; greedy is the
+  first maximum (ties to the lowest index, as argmax)."""
+  from jaxpost.sampling import first_argmax, token_stats
+
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(5, 300)) * 4, jnp.float32)
+  tied = logits.at[:, 17].set(50.0).at[:, 200].set(50.0)
+  np.testing.assert_array_equal(np.asarray(first_argmax(tied)), np.full(5, 17))
+  np.testing.assert_array_equal(np.asarray(first_argmax(logits)), np.argmax(logits, -1))
+  for sampler in (Sampler(0.0), Sampler(1.0), Sampler(0.6, top_k=30), Sampler(1.4, top_p=0.9)):
+    token, logp, sample, entropy = token_stats(sampler, logits, jax.random.key(2))
+    t = sampler.temperature or 1.0
+    raw, tempered = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits / t, -1)
+    rows = np.arange(5)
+    np.testing.assert_allclose(logp, np.asarray(raw)[rows, token], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sample, np.asarray(tempered)[rows, token], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(entropy, -np.sum(np.exp(tempered) * tempered, -1), atol=1e-5,
+                               rtol=0)
+    if sampler.temperature == 0.0:
+      np.testing.assert_array_equal(np.asarray(token), np.argmax(logits, -1))
+
+
+def test_per_layer_cache_equals_stacked(model):
+  """Unstacked layers over a tuple of per-layer caches (the decode loop's layout) give the
+  stacked cache's logits and the same keys and values."""
+  from jaxpost.models import start_cache, unstack_layers
+
+  config, params = model
+  tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]], jnp.int32)
+  cache = start_cache(config, params, 2, 8)
+  stacked = _forward(config, params, tokens, cache=cache)
+  split = cache.replace(k=tuple(cache.k), v=tuple(cache.v))
+  per_layer = _forward(config, unstack_layers(params), tokens, cache=split)
+  np.testing.assert_allclose(per_layer.logits, stacked.logits, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(jnp.stack(per_layer.cache.k), stacked.cache.k, atol=1e-6, rtol=0)
+  step = jnp.asarray([[3], [4]], jnp.int32)
+  a = _forward(config, params, step, cache=stacked.cache)
+  b = _forward(config, unstack_layers(params), step, cache=per_layer.cache)
+  np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=0)
+  assert per_layer.cache.max_len == stacked.cache.max_len == 8

@@ -33,7 +33,8 @@ from jaxpost.models import ModelConfig, forward
 
 def grpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
               temperature: float = 1.0, tis_cap: float | None = None, on_policy: bool = False,
-              compute_dtype=None, remat: bool = False, **policy_loss_kwargs):
+              compute_dtype=None, remat: bool = False, attention: str = "auto",
+              **policy_loss_kwargs):
   """The policy-gradient loss of a rollout mini-batch: `(loss, metrics)`.
 
   batch: `tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` [N, T] (prompt +
@@ -55,7 +56,7 @@ def grpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   del rng
   out = forward(config, params, batch["tokens"], positions=batch["positions"],
                 segment_ids=batch["segment_ids"], compute_dtype=compute_dtype, remat=remat,
-                compute_logits=False)
+                attention=attention, compute_logits=False)
   mask = batch["loss_mask"].astype(jnp.float32)
   if on_policy and not config.final_logit_softcap:
     return _on_policy_loss(config, params, out.final_hidden, batch, mask, temperature,

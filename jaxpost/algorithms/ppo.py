@@ -57,13 +57,13 @@ def policy_of(params: dict) -> dict:
 
 def critic_values(config: ModelConfig, critic: dict, tokens_BxT: jax.Array, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  compute_dtype=None, remat: bool = False) -> jax.Array:
+                  compute_dtype=None, remat: bool = False, attention: str = "auto") -> jax.Array:
   """V [B, T] float32: the value head on the critic's final hidden state at every position.
 
   `critic` is the decoder's params without the LM head plus "value" [D]; position t's value is
   V(tokens[<= t]), the state before the target tokens[t + 1] is generated."""
   out = forward(config, critic, tokens_BxT, positions=positions, segment_ids=segment_ids,
-                compute_dtype=compute_dtype, remat=remat, compute_logits=False)
+                compute_dtype=compute_dtype, remat=remat, attention=attention, compute_logits=False)
   return jnp.einsum("btd,d->bt", out.final_hidden.astype(jnp.float32),
                     critic[VALUE].astype(jnp.float32))
 
@@ -144,6 +144,7 @@ def ppo_objective(logps_BxT: jax.Array, values_BxT: jax.Array, batch: dict, *,
 def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
              temperature: float = 1.0, vf_coef: float = 0.1, value_clip: float | None = 0.2,
              on_policy: bool = False, compute_dtype=None, remat: bool = False,
+             attention: str = "auto",
              **policy_loss_kwargs):
   """PPO's loss of a rollout mini-batch: `(loss, metrics)`; `ppo_objective` of the policy's
   log-probs and the critic's values.
@@ -163,7 +164,7 @@ def ppo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   del rng
   policy, critic = policy_of(params), params[CRITIC]
   rows = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
-              compute_dtype=compute_dtype, remat=remat)
+              compute_dtype=compute_dtype, remat=remat, attention=attention)
   out = forward(config, policy, batch["tokens"], compute_logits=False, **rows)
   values_BxT = critic_values(config, critic, batch["tokens"], **rows)
   objective = functools.partial(ppo_objective, batch=batch, vf_coef=vf_coef,

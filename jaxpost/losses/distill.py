@@ -113,7 +113,8 @@ def chunked_divergence(config: ModelConfig, params, hidden_BxTxD: jax.Array,
 def distill_batch_loss(params, batch: dict, rng: jax.Array, teacher_params, *,
                        config: ModelConfig, teacher_config: ModelConfig, kind: str = "jsd",
                        beta: float = 0.5, temperature: float = 1.0, sft_weight: float = 0.0,
-                       chunk: int = 256, compute_dtype=None, remat: bool = False):
+                       chunk: int = 256, compute_dtype=None, remat: bool = False,
+                       attention: str = "auto"):
   """Distillation on a batch of rows (`tokens`, `targets`, `loss_mask`, `segment_ids`,
   `positions` [B, T]; packed or not): `(loss, metrics)` with
 
@@ -125,7 +126,8 @@ def distill_batch_loss(params, batch: dict, rng: jax.Array, teacher_params, *,
   del rng
   rows = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
               compute_dtype=compute_dtype, compute_logits=False)
-  hidden = forward(config, params, batch["tokens"], remat=remat, **rows).final_hidden
+  hidden = forward(config, params, batch["tokens"], remat=remat, attention=attention,
+                   **rows).final_hidden
   teacher = jax.lax.stop_gradient(teacher_params)
   t_hidden = jax.lax.stop_gradient(forward(teacher_config, teacher, batch["tokens"],
                                            **rows).final_hidden)
@@ -177,7 +179,7 @@ def topk_divergence(student_logp: jax.Array, student_rest: jax.Array,
 def distill_topk_batch_loss(params, batch: dict, rng: jax.Array, *, config: ModelConfig,
                             kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
                             sft_weight: float = 0.0, chunk: int = 256, compute_dtype=None,
-                            remat: bool = False):
+                            remat: bool = False, attention: str = "auto"):
   """`distill_batch_loss` against a cached teacher: the rows (`tokens`, `targets`,
   `loss_mask`, `segment_ids`, `positions` [B, T]) carry the teacher's top K at every position,
   `teacher_ids` [B, T, K] int32, `teacher_logp` [B, T, K] and `teacher_rest` [B, T] float32
@@ -191,7 +193,7 @@ def distill_topk_batch_loss(params, batch: dict, rng: jax.Array, *, config: Mode
   del rng
   hidden = forward(config, params, batch["tokens"], positions=batch["positions"],
                    segment_ids=batch["segment_ids"], compute_dtype=compute_dtype,
-                   compute_logits=False, remat=remat).final_hidden
+                   compute_logits=False, remat=remat, attention=attention).final_hidden
   mask = batch["loss_mask"].astype(jnp.float32)
   teacher = jax.lax.stop_gradient((batch["teacher_ids"], batch["teacher_logp"],
                                    batch["teacher_rest"]))

@@ -11,7 +11,8 @@ from jaxpost.models import ModelConfig, forward
 
 
 def sft_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
-             compute_dtype=None, remat: bool = False, chunk: int = 512, fused: bool = True):
+             compute_dtype=None, remat: bool = False, attention: str = "auto", chunk: int = 512,
+             fused: bool = True):
   """Mean negative log-likelihood of `batch["targets"]` over `batch["loss_mask"]`.
 
       loss = - sum_t mask_t log p(target_t | tokens_<=t) / sum_t mask_t
@@ -26,7 +27,7 @@ def sft_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   del rng
   out = forward(config, params, batch["tokens"], positions=batch["positions"],
                 segment_ids=batch["segment_ids"], compute_dtype=compute_dtype, remat=remat,
-                compute_logits=False)
+                attention=attention, compute_logits=False)
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
   n = jnp.sum(mask_BxT)
   if fused:

@@ -22,7 +22,9 @@ PREFIX_SEGMENT = -1
 class KVCache:
   """Keys and values of every layer for `max_len` slots.
 
-  k, v:         [L, B, K, S, Dh]   heads before slots: attention reads them without a transpose
+  k, v:         [L, B, K, S, Dh]   heads before slots: attention reads them without a transpose;
+                or a tuple of L [B, K, S, Dh], one buffer per layer (for unstacked layers,
+                see `transformer.unstack_layers`; what the decode loop carries)
   segment_ids:  [B, S]  segment of the token in each slot; 0 = empty or padding
   next_pos:     [B]     RoPE position the next real token of each row gets
   index:        []      next slot to write (shared by the batch: rows are left-padded)
@@ -36,7 +38,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-2]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -92,9 +94,17 @@ def prefix_cache(prefix: Prefix, batch: int, max_len: int, dtype=jnp.float32) ->
   )
 
 
-def attention_mask(q_slots_T, k_slots_S, q_seg_BxT, k_seg_BxS, window: int | None):
+def attention_mask(q_slots_T, k_slots_S, q_seg_BxT, k_seg_BxS, window: int | None,
+                   q_branch_BxT=None, k_branch_BxS=None):
   """Boolean [B, T, S]: causal by slot, same non-zero segment (or a shared-prefix slot),
-  within `window` if given."""
+  within `window` if given.
+
+  Branch ids (optional, [B, T] / [B, S]) let several continuations share one trunk in a
+  packed row: a key is visible when it is on the trunk (branch 0) or on the query's own
+  branch. A DPO pair as `prompt, chosen, rejected` with branches 0, 1, 2 scores the prompt
+  once while each response sees the prompt and never the other response (give `positions`
+  so the rejected response continues from the prompt's end).
+  """
   q = q_slots_T[:, None]
   k = k_slots_S[None, :]
   allowed_TxS = k <= q
@@ -102,11 +112,18 @@ def attention_mask(q_slots_T, k_slots_S, q_seg_BxT, k_seg_BxS, window: int | Non
     allowed_TxS = allowed_TxS & (q - k < window)
   k_seg = k_seg_BxS[:, None, :]
   same_BxTxS = ((q_seg_BxT[:, :, None] == k_seg) | (k_seg == PREFIX_SEGMENT)) & (k_seg != 0)
+  if q_branch_BxT is not None:
+    k_branch = k_branch_BxS[:, None, :]
+    same_BxTxS = same_BxTxS & ((k_branch == 0) | (k_branch == q_branch_BxT[:, :, None]))
   return allowed_TxS[None, :, :] & same_BxTxS
 
 
-def attend(config: ModelConfig, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS):
+def attend(config: ModelConfig, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS,
+           probs_hook=None):
   """Scaled dot-product attention with grouped KV heads; logits and softmax in float32.
+
+  `probs_hook`, if given, maps the probabilities as [B, H, T, S] to new ones (the
+  `attn_probs` intervention site); without it the program is unchanged.
 
   Query heads h = k * G + g share KV head k. The G query heads of a KV head are folded into
   the query axis ([B, K, G*T, Dh] against [B, K, S, Dh]), so both contractions are plain
@@ -126,5 +143,8 @@ def attend(config: ModelConfig, q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS):
   mask_Bx1xQxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
   logits = jnp.where(mask_Bx1xQxS, logits, _MASKED)
   probs_BxKxQxS = jax.nn.softmax(logits, axis=-1).astype(v_BxKxSxDh.dtype)
+  if probs_hook is not None:
+    probs_BxHxTxS = probs_hook(probs_BxKxQxS.reshape(B, K * G, T, S))
+    probs_BxKxQxS = probs_BxHxTxS.reshape(B, K, G * T, S)
   out_BxKxQxDh = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, v_BxKxSxDh)
   return out_BxKxQxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
