@@ -257,6 +257,9 @@ class _Builder:
       item = typing.get_args(hint)[0]
       if isinstance(value, str) and item is str:  # an override: comma-separated
         value = [v.strip() for v in value.split(",") if v.strip()]
+      elif isinstance(value, str):  # an override of numbers: "1,3" or "[1, 3]"
+        value = [parse_value(v.strip()) for v in value.strip().strip("[]").split(",")
+                 if v.strip()]
       if not isinstance(value, (list, tuple)):
         raise self.type_error(key, shown, value)
       return tuple(self.coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))

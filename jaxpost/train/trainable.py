@@ -1,5 +1,6 @@
-"""What a run trains: the whole model (`Full`), LoRA/DoRA/QLoRA adapters (`Lora`), or a soft
-prompt / prefix (`Prompt`).
+"""What a run trains: the whole model (`Full`), LoRA/DoRA/QLoRA adapters (`Lora`), a soft
+prompt / prefix (`Prompt`), or an edit of the activations at one site (`Edit`,
+`jaxpost.whitebox.edit`).
 
 Each is a small object with the same members:
 
@@ -36,6 +37,7 @@ from jaxpost.peft.lora import dropout_rng
 from jaxpost.peft.prompt import (PromptConfig, attach_prompt, init_prompt, prompt_specs,
                                  save_prompt)
 from jaxpost.peft.quant import is_quantized
+from jaxpost.whitebox.edit import Edit, EditSpec
 
 
 def count(tree) -> int:
@@ -194,12 +196,17 @@ class Prompt:
                 base_model=str(model_dir))
 
 
-Trainable = Full | Lora | Prompt
+Trainable = Full | Lora | Prompt | Edit
 
 
 def make_trainable(cfg: RunConfig, config: ModelConfig, p_shard, mesh, *, tokenizer=None,
                    log: Callable[[str], None] = print) -> Trainable:
-  """The trainable of `cfg`: `lora:` adapters, a `prompt:`, or else the whole model."""
+  """The trainable of `cfg`: `lora:` adapters, a `prompt:`, an `edit:`, or else the whole
+  model."""
+  if cfg.edit is not None:
+    e = cfg.edit
+    return Edit(config, EditSpec(kind=e.kind, site=e.site, layers=e.layers, rank=e.rank),
+                p_shard, mesh, jnp.dtype(cfg.model.dtype))
   if cfg.lora is not None:
     lc = cfg.lora
     lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, targets=lc.target_tuple(),
