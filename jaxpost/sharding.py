@@ -8,7 +8,6 @@ dimension of the same array, so any model shards over any mesh without special c
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import jax
@@ -74,20 +73,9 @@ def param_shardings(specs, mesh: Mesh, rules=DEFAULT_RULES):
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-  """Starts multi-process JAX when configured; returns whether it did.
-
-  Configured means an explicit coordinator address (or `JAX_COORDINATOR_ADDRESS`, or a cluster
-  JAX detects by itself: TPU pods, SLURM, ... when `num_processes` is given). A single process
-  with nothing configured stays as it is. On CPU, cross-process collectives use gloo.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if address is None and num_processes is None:
-    return False
-  # Only read by the CPU backend; set before any backend starts (initialize must come first).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
-  return True
+                           process_id: int | None = None, enabled: bool | None = None) -> bool:
+  """Starts multi-process JAX when configured or detected; returns whether it runs (see
+  `jaxpost.multihost.initialize`: an explicit coordinator, `JAX_COORDINATOR_ADDRESS`, or a
+  cluster found in the environment such as SLURM; a single process stays as it is)."""
+  from jaxpost import multihost  # pylint: disable=import-outside-toplevel
+  return multihost.initialize(coordinator_address, num_processes, process_id, enabled)

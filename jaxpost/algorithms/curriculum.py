@@ -23,6 +23,7 @@ from jaxpost.data.curriculum import Curriculum, row_scores
 from jaxpost.data.epochs import EpochIterator, fingerprint_of
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import forward
+from jaxpost.multihost import host_tree
 
 
 def start_losses(run, iterator: EpochIterator, policy, *, batch_size: int = 16) -> np.ndarray:
@@ -54,8 +55,8 @@ def start_losses(run, iterator: EpochIterator, policy, *, batch_size: int = 16) 
   total = np.zeros(len(examples), np.float64)
   count = np.zeros(len(examples), np.float64)
   for batch in rows:
-    nll = np.asarray(jax.device_get(token_nll(params, {k: jnp.asarray(v) for k, v in
-                                                       batch.items() if k != "example_index"})))
+    nll = np.asarray(host_tree(token_nll(params, {k: jnp.asarray(v) for k, v in
+                                                  batch.items() if k != "example_index"})))
     mask = batch["loss_mask"]
     np.add.at(total, batch["example_index"][mask], nll[mask])
     np.add.at(count, batch["example_index"][mask], 1.0)

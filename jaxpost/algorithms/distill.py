@@ -34,6 +34,7 @@ from jaxpost.algorithms.base import Algorithm
 from jaxpost.algorithms.sft import perplexity, sft_batches
 from jaxpost.config import ConfigError
 from jaxpost.losses import distill_batch_loss, distill_topk_batch_loss, sft_loss
+from jaxpost.multihost import host_tree
 
 
 def teacher_folder(path: str) -> Path:
@@ -119,7 +120,7 @@ class OnPolicy:
                    seed=jax.random.fold_in(jax.random.key(cfg.train.seed), step),
                    pad_id=pad_id_of(self.run.tokenizer),
                    compute_dtype=self.run.model_kwargs["compute_dtype"])
-    tokens, lengths = jax.device_get((out.tokens, out.lengths))
+    tokens, lengths = host_tree((out.tokens, out.lengths))
     rows = completion_rows(ids, np.asarray(tokens), np.asarray(lengths), 1, cfg.data.seq_len)
     rows["loss_mask"] = rows["loss_mask"].astype(bool)
     return rows

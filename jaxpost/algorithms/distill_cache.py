@@ -51,6 +51,7 @@ from jaxpost.data.packing import make_rows, plan_rows
 from jaxpost.losses import topk_support
 from jaxpost.losses.tokens import chunked
 from jaxpost.models import ModelConfig, forward, lm_head
+from jaxpost.multihost import host_tree
 
 FIELDS = ("offsets", "slot", "ids", "logp", "rest")
 _VERSION = "topk-v1"
@@ -143,8 +144,8 @@ def compute_topk(run, section, config, params, examples: Sequence[Example], k: i
   for start in range(0, len(plan), size):
     part = plan[start:start + size]
     rows = make_rows(examples, part + [[]] * (size - len(part)), seq_len, example_index=True)
-    out = jax.device_get(fn(params, run.place({f: rows[f] for f in
-                                               ("tokens", "positions", "segment_ids")})))
+    out = host_tree(fn(params, run.place({f: rows[f] for f in
+                                          ("tokens", "positions", "segment_ids")})))
     at = rows["loss_mask"]
     to = slot[offsets[rows["example_index"][at]] + rows["positions"][at]]
     ids[to], logp[to], rest[to] = (x[at] for x in out)

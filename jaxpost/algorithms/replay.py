@@ -71,8 +71,14 @@ def _log(message: str) -> None:
 def training_batches(run, build: Callable[..., Any], path: str, kind: str, policy) -> Any:
   """A run's training iterator: `build(source, batch_size=, seed=)` (an `EpochIterator`) over
   `path` with `data.curriculum` applied and, with `data.replay`, mixed with `build` over the
-  replay buffer: batch_size - k new units and k replayed in every batch."""
+  replay buffer: batch_size - k new units and k replayed in every batch. With `data.shards`
+  > 1: this process's rows of every batch from its shards (`jaxpost.data.ShardedBatches`)."""
   t = run.cfg.train
+  if run.cfg.data.shards > 1:  # per-process data (config validation rules out the rest)
+    from jaxpost.data import ShardedBatches, read_rows  # pylint: disable=import-outside-toplevel
+    return ShardedBatches(build, read_rows(path), shards=run.cfg.data.shards,
+                          batch_size=t.batch_size, seed=t.seed,
+                          process_rows=run.process_rows(t.batch_size))
   k = replay_size(run, t.batch_size, "rows")
   new = build(path, batch_size=t.batch_size - k, seed=t.seed)
   apply_curriculum(run, new, policy, path)

@@ -18,6 +18,8 @@ The stages, each usable alone:
    its schedule (`epochs.EpochIterator`) is also `preference.PreferenceIterator`'s. `stats`
    count and name (`truncated_rows`, `dropped_rows`) the examples truncation cut;
    `describe_truncation(stats, seq_len)` makes the one-line warning a trainer logs.
+5. `ShardedBatches` (`shards`): a multi-host run's batches from S data shards, each process
+   tokenising only the shards of its rows; the same batches on any number of processes.
 
 A bad input raises one error naming it: `DataError` (a `ValueError`) for a data file, row or
 field ("data/train.jsonl row 17: field 'completion' is empty", "data/train.jsonl has no rows:
@@ -47,11 +49,12 @@ from jaxpost.data.iterator import BatchIterator, DataStats
 from jaxpost.data.packing import (ROW_FIELDS, TruncationStats, make_rows, packing_efficiency,
                                   plan_rows, truncate)
 from jaxpost.data.pipeline import build_sft_batches, pad_id_of
+from jaxpost.data.shards import ShardedBatches
 from jaxpost.data.sources import Row, load_rows, read_rows
 
 __all__ = [
     "BatchIterator", "DataError", "DataStats", "Example", "FORMATS", "InputStats", "ROLES",
-    "ROW_FIELDS", "Row", "TRAIN_ON", "Tokenized", "TruncationStats", "build_sft_batches",
+    "ROW_FIELDS", "Row", "ShardedBatches", "TRAIN_ON", "Tokenized", "TruncationStats", "build_sft_batches",
     "describe_truncation", "detect_format", "detect_rows_format", "load_rows", "make_rows",
     "pad_id_of", "packing_efficiency", "plan_rows", "read_rows", "to_example", "tokenize_rows",
     "truncate",

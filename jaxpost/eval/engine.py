@@ -26,6 +26,7 @@ import numpy as np
 from jaxpost.data import pad_id_of
 from jaxpost.losses.tokens import chunked
 from jaxpost.models import ModelConfig, forward, lm_head
+from jaxpost.multihost import host_tree
 from jaxpost.sampling import generate
 from jaxpost.tokenizer import Tokenizer
 
@@ -183,8 +184,8 @@ class EvalModel:
       idx = order[start:stop]
       rows = pack_rows([contexts[i] for i in idx], [continuations[i] for i in idx],
                        rows=self.batch_size, max_length=self.max_length, pad_id=self.pad_id)
-      lp, gr, ln, per = jax.device_get(fn(self.params, rows["tokens"], rows["targets"],
-                                          rows["segment_ids"], rows["mask"]))
+      lp, gr, ln, per = host_tree(fn(self.params, rows["tokens"], rows["targets"],
+                                     rows["segment_ids"], rows["mask"]))
       n = len(idx)
       logprob[idx], greedy[idx], length[idx] = lp[:n], gr[:n], ln[:n]
       if per_token:
@@ -201,8 +202,8 @@ class EvalModel:
     for start, stop in self._batches(len(contexts)):
       rows = pack_rows(contexts[start:stop], continuations[start:stop], rows=self.batch_size,
                        max_length=self.max_length, pad_id=self.pad_id)
-      kl, n = jax.device_get(fn(self.params, reference.params, rows["tokens"],
-                                rows["segment_ids"], rows["mask"]))
+      kl, n = host_tree(fn(self.params, reference.params, rows["tokens"],
+                           rows["segment_ids"], rows["mask"]))
       total[start:stop], count[start:stop] = kl[:stop - start], n[:stop - start]
     return total, count
 
@@ -223,7 +224,7 @@ class EvalModel:
                      temperature=temperature, top_p=top_p, top_k=top_k, stop_tokens=stops,
                      seed=key, pad_id=self.pad_id, compute_dtype=self.compute_dtype,
                      num_samples=k)
-      toks, lens, ents = jax.device_get((out.tokens, out.lengths, out.entropies))
+      toks, lens, ents = host_tree((out.tokens, out.lengths, out.entropies))
       for i in range(stop - start):
         samples = []
         for j in range(i * k, i * k + k):

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxpost.algorithms.ppo import CRITIC, critic_values
 from jaxpost.losses.rl import gae, masked_whiten
+from jaxpost.multihost import host_tree
 
 _ROW_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -96,7 +97,7 @@ class PPOTargets:
     rl = self.rl
     mask_NxT = batch["loss_mask"].astype(np.float32)
     rows = self.run.place({k: batch[k] for k in _ROW_KEYS})
-    values_NxT = np.asarray(jax.device_get(self._values(model[CRITIC], rows)), np.float32)
+    values_NxT = np.asarray(host_tree(self._values(model[CRITIC], rows)), np.float32)
     values_NxT = values_NxT * mask_NxT
     scores_N = np.where(valid_N, scores_N, 0.0).astype(np.float32)
     kl_coef = self.kl_coef

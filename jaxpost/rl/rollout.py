@@ -46,6 +46,7 @@ from jaxpost.losses.rl import group_advantages, reinforce_pp_advantages, rloo_ad
 from jaxpost.losses.tokens import target_logprobs
 from jaxpost.models import forward
 from jaxpost.algorithms.replay import prompt_order
+from jaxpost.multihost import host_tree
 from jaxpost.rl.prompts import Prompt
 from jaxpost.sampling import generate
 
@@ -200,7 +201,7 @@ class RolloutSource:
                    top_p=rl.top_p, stop_tokens=tok.eos_ids, seed=key, pad_id=pad_id_of(tok),
                    compute_dtype=self._compute_dtype, prompt_bucket=self.prompt_width,
                    num_samples=self.group)
-    tokens, lengths, sample_logps, entropies = jax.device_get(
+    tokens, lengths, sample_logps, entropies = host_tree(
         (out.tokens, out.lengths, out.sample_logprobs, out.entropies))
     return (np.asarray(tokens), np.asarray(lengths), np.asarray(sample_logps, np.float32),
             np.asarray(entropies, np.float32))
@@ -431,12 +432,12 @@ class RolloutSource:
     rows = self.run.place({k: batch[k] for k in _ROW_KEYS})
     updates = rl.num_iterations * rl.mini_batches
     if updates > 1 or self.ppo is not None:  # PPO's KL penalty reads them
-      batch["old_logps"] = np.asarray(jax.device_get(self._logps(model, rows)), np.float32)
+      batch["old_logps"] = np.asarray(host_tree(self._logps(model, rows)), np.float32)
     else:  # every row is fresh: the loss uses its own log-probs, without gradient
       batch["old_logps"] = np.zeros_like(batch["advantages"])
     if rl.beta > 0 or self.ppo is not None:
       reference = self.run.reference_model(policy.params, policy.frozen)
-      batch["ref_logps"] = np.asarray(jax.device_get(self._logps(reference, rows)), np.float32)
+      batch["ref_logps"] = np.asarray(host_tree(self._logps(reference, rows)), np.float32)
     if rl.tis_cap is None:
       del batch["sampler_logps"]
     return batch

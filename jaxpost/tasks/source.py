@@ -59,15 +59,20 @@ class ArithmeticTask:
     self._paths: dict[str, tuple[Path, Path]] = {}
 
   def path(self, kind: str, split: str) -> str:
+    from jaxpost import multihost  # pylint: disable=import-outside-toplevel
     from jaxpost.tasks import arithmetic, arithmetic_pref  # pylint: disable=import-outside-toplevel
     if kind not in KINDS:
       raise ValueError(f"the arithmetic task has data of kinds {KINDS}, not {kind!r}")
-    if kind not in self._paths:
+    if kind not in self._paths:  # written by the first process; the others wait, then read
       if kind == "sft":
-        self._paths[kind] = arithmetic.write_dataset(self.folder, **self.settings)
+        write = lambda: arithmetic.write_dataset(self.folder, **self.settings)  # noqa: E731
+        names = ("train.jsonl", "eval.jsonl")
       else:
-        self._paths[kind] = arithmetic_pref.write_preference_dataset(
+        write = lambda: arithmetic_pref.write_preference_dataset(  # noqa: E731
             self.folder, kind=kind, **self.settings)
+        names = (f"{kind}_train.jsonl", f"{kind}_eval.jsonl")
+      multihost.first_process(write, f"task-data:{kind}")
+      self._paths[kind] = (self.folder / names[0], self.folder / names[1])
     return str(self._paths[kind][0 if split == "train" else 1])
 
   def _split(self):

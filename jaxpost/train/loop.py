@@ -3,10 +3,12 @@
     state, frozen = loop(run, state, frozen, source, hooks, start=0, steps=600)
 
 Per step: `source.next(policy)` gives a host batch (an online source samples it from the
-policy; its optional `host_metrics()` and `samples()` say how the batch was made), it is placed on the batch sharding, the compiled step updates the donated state, the
-algorithm's `after_step` may change the frozen inputs (TR-DPO's reference sync), and each hook
-sees the step (metrics, held-out evaluation, checkpoints: `jaxpost.train.hooks`). The loop never
-asks which algorithm it runs.
+policy; its optional `host_metrics()` and `samples()` say how the batch was made), it is
+placed on the batch sharding (a per-process source, with `process_rows`, gives only this
+process's rows of it), the compiled step updates the donated state, the algorithm's
+`after_step` may change the frozen inputs (TR-DPO's reference sync), and each hook sees the
+step (metrics, held-out evaluation, checkpoints: `jaxpost.train.hooks`). The loop never asks
+which algorithm it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol, Sequence
 
+from jaxpost import multihost
 from jaxpost.algorithms import BatchSource, Frozen, tokens_in
 
 
@@ -45,12 +48,13 @@ def loop(run, state, frozen: Frozen, source: BatchSource, hooks: Sequence[Hook],
   after = run.algorithm.after_step
   host_metrics = getattr(source, "host_metrics", None)
   samples = getattr(source, "samples", None)
+  rows = getattr(source, "process_rows", None)  # a per-process source's (lo, global rows)
   for step in range(start, steps):
     batch = source.next(run.policy(state.params, frozen, step))
-    tokens = tokens_in(batch)
+    tokens = tokens_in(batch) if rows is None else multihost.total(tokens_in(batch))
     extra = dict(host_metrics=host_metrics() if host_metrics else {},
                  samples=samples() if samples else [])
-    state, metrics = run.step(state, run.place(batch), frozen)
+    state, metrics = run.step(state, run.place(batch, rows), frozen)
     done = step + 1
     if after is not None:
       frozen = after(done, state.params, frozen)

@@ -110,11 +110,12 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   if cfg.stages:
     from jaxpost.continual import train_stages  # pylint: disable=import-outside-toplevel
     return train_stages(cfg, algorithm=algorithm, on_step=on_step)
+  started = time.perf_counter()
   run = build(cfg, algorithm)
   log(run.trainable.describe)
   checkpointer = _checkpointer(cfg, run.run_dir)
   try:
-    summary = _train(run, checkpointer, on_step)
+    summary = _train(run, checkpointer, on_step, started)
   except BaseException:
     with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
       checkpointer.close()
@@ -123,7 +124,26 @@ def train(cfg: RunConfig, *, algorithm: AlgorithmArg = None,
   return summary
 
 
-def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
+class _FirstStep:
+  """Logs the seconds from `train`'s start to the end of this process's first step (model
+  loading, evaluation before training and every compile included: what the persistent
+  compilation cache shortens) and puts them in the summary as `time_to_first_step`."""
+
+  def __init__(self, started: float, summary: dict):
+    self.started, self.summary = started, summary
+
+  def after_step(self, info) -> None:
+    if "time_to_first_step" not in self.summary:
+      jax.block_until_ready(info.metrics)
+      seconds = time.perf_counter() - self.started
+      self.summary["time_to_first_step"] = seconds
+      log(f"time to first step: {seconds:.1f}s")
+
+  def end(self) -> None:
+    pass
+
+
+def _train(run: Run, checkpointer: Checkpointer, on_step, started: float) -> dict:
   """`train` once the run is built and its checkpointer open."""
   cfg = run.cfg
   state, frozen = run.init_state()
@@ -157,7 +177,10 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
           f"(exactly: the data position and RNG come from step {start}'s checkpoint)")
   # Only a run that can start replaces config.yaml: a mistyped re-run fails above and leaves
   # the earlier run's config (which `jaxpost export` reads) as it was.
-  save_config(cfg, run.run_dir / "config.yaml")
+  if jax.process_index() == 0:  # without this launch's process id and coordinator
+    launch = dataclasses.replace(cfg.distributed, coordinator_address=None, num_processes=None,
+                                 process_id=None)
+    save_config(dataclasses.replace(cfg, distributed=launch), run.run_dir / "config.yaml")
 
   summary: dict[str, Any] = {"run_dir": str(run.run_dir), "headline": f"eval/{a.headline}"}
   if start == 0 and (before := _exact_match(run, state, frozen)) is not None:
@@ -177,7 +200,8 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   bar = ProgressBar(t.steps, initial_step=start, disable=None if jax.process_index() == 0 else True)
   metrics = Metrics(writer, bar, steps=t.steps, log_every=t.log_every,
                     max_bad_steps=t.max_bad_steps, headline=a.headline, on_step=on_step)
-  hooks = [metrics, Evaluate(run, eval_batches, writer, every=t.eval_every, steps=t.steps),
+  hooks = [_FirstStep(started, summary), metrics,
+           Evaluate(run, eval_batches, writer, every=t.eval_every, steps=t.steps),
            *([suites] if suites is not None else []),
            Checkpoint(checkpointer, source, steps=t.steps, tree=run.checkpoint_tree)]
   t0 = time.perf_counter()
@@ -199,8 +223,7 @@ def _train(run: Run, checkpointer: Checkpointer, on_step) -> dict:
   if metrics.skipped:
     log(f"warning: {metrics.skipped} steps were skipped (non-finite loss or gradient)")
 
-  if jax.process_index() == 0:
-    run.export(state.params, frozen, run.run_dir)
+  run.export(state.params, frozen, run.run_dir)  # every process gathers, the first writes
   summary.update(final_metrics=metrics.last, final_model=str(run.run_dir / "final"),
                  steps=t.steps, seconds=elapsed, start_step=start,
                  skipped_steps=metrics.skipped)
