@@ -75,6 +75,12 @@ def _checksummable_dtype(dtype: np.dtype) -> bool:
   return True
 
 
+def _to_device(x: jax.Array) -> jax.Array:
+  """A `pinned_host` array (`optim.offload`) copied to device memory, where jitted arithmetic
+  runs."""
+  return jax.device_put(x, x.sharding.with_memory_kind("device"))
+
+
 def checksums(tree: Any) -> dict[str, str]:
   """{leaf path: 16 hex digits} of `_leaf_checksum` for every array leaf, computed by one jitted
   program on the leaves' devices (one pass over memory, no copy to the host; only the 8 bytes
@@ -87,8 +93,15 @@ def checksums(tree: Any) -> dict[str, str]:
   if not named:
     return {}
   arrays = [x for _, x in named]
-  try:
-    sums = jax.device_get(_checksum_leaves(arrays))
-  except ValueError:  # leaves committed to different devices cannot share one program
-    sums = [jax.device_get(_checksum_leaves([x]))[0] for x in arrays]
+  on_host = [getattr(getattr(x, "sharding", None), "memory_kind", None) == "pinned_host"
+             for x in arrays]
+  if any(on_host):  # offloaded optimizer state: hashed on the device one leaf at a time, so
+    # the transient copy is one leaf, never the whole state the offload keeps out of HBM
+    sums = [jax.device_get(_checksum_leaves([_to_device(x) if h else x]))[0]
+            for x, h in zip(arrays, on_host)]
+  else:
+    try:
+      sums = jax.device_get(_checksum_leaves(arrays))
+    except ValueError:  # leaves committed to different devices cannot share one program
+      sums = [jax.device_get(_checksum_leaves([x]))[0] for x in arrays]
   return {name: f"{int(s[0]):08x}{int(s[1]):08x}" for (name, _), s in zip(named, sums)}

@@ -52,14 +52,19 @@ def init_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) 
 
 
 def state_shardings(param_shardings, params_shape, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> TrainState:
+                    mesh: Mesh, *, offload: bool = False) -> TrainState:
   """Shardings of a `TrainState`: optimizer moments follow their parameters, the rest is
-  replicated. Needs only shapes (no allocation)."""
+  replicated. Needs only shapes (no allocation). `offload` puts the whole optimizer state in
+  host memory (memory kind `pinned_host`); the step brings it to the device for the update
+  and writes it back (`make_train_step`)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shape = jax.eval_shape(optimizer.init, params_shape)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shape, param_shardings,
                               transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
+  if offload:
+    opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt,
+                       is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
                     bad_steps=replicated)
 
@@ -126,18 +131,21 @@ def _grads(loss_fn: LossFn, params, batch, rng, frozen, micro_batches: int):
 
 def _train_step(state: TrainState, batch, frozen, *, loss_fn: LossFn,
                 optimizer: optax.GradientTransformation, micro_batches: int,
-                lr_schedule: Callable | None):
+                lr_schedule: Callable | None, opt_on_device=None):
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads, metrics = _grads(loss_fn, state.params, batch, rng, frozen, micro_batches)
   grad_norm = optax.tree.norm(grads)
-  updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+  opt_state = state.opt_state
+  if opt_on_device is not None:  # offloaded: on the device for the update only
+    opt_state = jax.device_put(opt_state, opt_on_device)
+  updates, new_opt = optimizer.update(grads, opt_state, state.params)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   new_state = TrainState(
       step=state.step + 1,
       params=keep(new_params, state.params),
-      opt_state=keep(new_opt, state.opt_state),
+      opt_state=keep(new_opt, opt_state),
       rng=state.rng,
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32),
   )
@@ -158,8 +166,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   Shardings may be None (single device, or let XLA choose). Metrics come back replicated
   scalars. The state is donated: do not reuse the `state` you passed in.
   """
+  opt_on_device = None
+  if state_sharding is not None and any(
+      s.memory_kind == "pinned_host" for s in jax.tree.leaves(
+          state_sharding.opt_state, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    opt_on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), state_sharding.opt_state,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
   fn = functools.partial(_train_step, loss_fn=loss_fn, optimizer=optimizer,
-                         micro_batches=micro_batches, lr_schedule=lr_schedule)
+                         micro_batches=micro_batches, lr_schedule=lr_schedule,
+                         opt_on_device=opt_on_device)
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_sharding is not None:
     mesh = jax.tree.leaves(state_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
