@@ -17,6 +17,7 @@ _WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 if _WORKERS not in sys.path:  # jaxpost_worker lives with the workers (scripts, not a package)
   sys.path.insert(0, _WORKERS)
 
+import common
 from bench_model import forward_flops_per_token, generate_flops, matmul_params
 from jaxpost_worker import jaxpost_config
 
@@ -177,3 +178,39 @@ def ppo_update_flops(config, spec: dict) -> float:
 def ppo_flops(config, spec: dict) -> float:
   """One PPO step: the rollout's forward FLOPs plus the update's."""
   return ppo_rollout_flops(config, spec) + ppo_update_flops(config, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads as users have them (sft_chat, dpo_shared_prompt, dpo_precomputed_ref, long_context).
+
+
+def chat_tokens(spec: dict) -> int:
+  """Real (non-padding) tokens of one sft_chat epoch: every conversation's prompt + response."""
+  prompt, reply = common.chat_lengths(spec)
+  return int((prompt + reply).sum())
+
+
+def chat_flops(config, spec: dict) -> float:
+  """One sft_chat epoch: 3 x forward per real token, attention at the conversation's own
+  length (what any layout needs: padding and other packed conversations are not counted)."""
+  prompt, reply = common.chat_lengths(spec)
+  return sum(3.0 * forward_flops_per_token(config, int(n)) * int(n) for n in prompt + reply)
+
+
+def shared_row_tokens(spec: dict) -> int:
+  """Token slots of the dpo_shared_prompt rows: per pair prompt + 1 + 2 x response."""
+  d = spec["dpo"]
+  return d["pairs"] * (d["prompt_len"] + 1 + 2 * d["response_len"])
+
+
+def dpo_shared_flops(config, spec: dict) -> float:
+  """Policy forward + backward (3F) and reference forward (F) on the shared rows, attention at
+  prompt + response (what each token sees)."""
+  d = spec["dpo"]
+  seq = d["prompt_len"] + d["response_len"]
+  return 4.0 * forward_flops_per_token(config, seq) * shared_row_tokens(spec)
+
+
+def dpo_precomputed_flops(config, spec: dict) -> float:
+  """As `dpo_shared_flops` without the reference (its log-probs precomputed once): 3F."""
+  return dpo_shared_flops(config, spec) * 3.0 / 4.0

@@ -21,7 +21,8 @@ own jax/flax, whose versions are recorded). Frameworks alternate within each rou
 order reverses every other round (A B C, C B A, ...), so slow drift of the machine hits every
 framework alike; a framework's time is the median over rounds of its per-round median step
 time. The f32 matmul ceiling (for MFU) is measured by a jaxpost worker at the start and at
-the end; the best of the two counts.
+the end; the best of the two counts. So is the read bandwidth (`roofline.py`), from which
+with the ceiling comes generation's bound: the least time the machine allows for it.
 
 The harness, one job per module:
 
@@ -50,8 +51,8 @@ from collections.abc import Sequence
 from typing import Any
 
 # First: it puts benchmarks/ and benchmarks/workers/ on sys.path for the imports below.
-from workloads import (FRAMEWORKS, HERE, MODEL, REPO, TINY_MODEL, WORKERS, WORKLOADS, Settings,
-                       Workload, make_spec)
+from workloads import (ALIASES, FRAMEWORKS, HERE, MODEL, REPO, TINY_MODEL, WORKERS, WORKLOADS,
+                       Settings, Workload, make_spec)
 
 import common
 from bench_model import cpu_seconds
@@ -138,8 +139,11 @@ def run_worker(python: str, framework: str, spec: dict, log_path: str,
 # Aggregation.
 
 
-def aggregate(s: Settings, runs: list[dict], ceiling: float) -> list[dict]:
-  """One row per (workload, framework): medians over rounds, throughput, MFU, ratios."""
+def aggregate(s: Settings, runs: list[dict], ceiling: float,
+              bandwidth: float | None = None) -> list[dict]:
+  """One row per (workload, framework): medians over rounds, throughput, MFU, ratios; for a
+  workload with a `bound` (generation), the machine's least time from the ceiling and the
+  read `bandwidth` (GB/s) and the step's fraction of it (`of_bound` = bound / median)."""
   config = jaxpost_config(s.model)
   rows = []
   for name in s.workloads:
@@ -180,15 +184,25 @@ def aggregate(s: Settings, runs: list[dict], ceiling: float) -> list[dict]:
           row["update_executed_flops_per_step"] = executed[0]
         if "trainable_params" in ok[0]:
           row["trainable_params"] = ok[0]["trainable_params"]
+        for key in ("steps_per_epoch", "token_slots", "padding_share", "layout", "row_shape",
+                    "attn_implementation"):  # what the user-shaped workloads record
+          if key in ok[0]:
+            row[key] = ok[0][key]
+        if "precompute_s" in ok[0]:
+          row["precompute_s"] = statistics.median(r["precompute_s"] for r in ok)
         if ok[0].get("losses"):
           row["loss_first"], row["loss_last"] = ok[0]["losses"][0], ok[0]["losses"][-1]
         row["phases"] = phase_rows(w, config, spec, ok, ceiling)
+        if w.bound is not None and bandwidth:
+          row["bound"] = w.bound(config, spec, ceiling, bandwidth)
+          row["of_bound"] = row["bound"]["bound_s"] / median
       rows.append(row)
   by_key = {(r["workload"], r["framework"]): r for r in rows}
   for r in rows:
     mine = by_key.get((r["workload"], "jaxpost"))
+    peers = WORKLOADS[r["workload"]].peers_from or r["workload"]
     for other in ("tunix", "pytorch"):
-      theirs = by_key.get((r["workload"], other))
+      theirs = by_key.get((peers, other))
       if r["framework"] == "jaxpost" and mine and theirs and "tokens_per_s" in mine \
           and "tokens_per_s" in theirs:
         r[f"speedup_vs_{other}"] = mine["tokens_per_s"] / theirs["tokens_per_s"]
@@ -230,7 +244,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="1 round, 2 timed training steps, 1 timed generation call")
   p.add_argument("--only", default=",".join(WORKLOADS),
-                 help=f"comma-separated workloads (default: {','.join(WORKLOADS)})")
+                 help=f"comma-separated workloads (default: {','.join(WORKLOADS)}; "
+                 f"long_context stands for {','.join(ALIASES['long_context'])})")
+  p.add_argument("--attention", default="auto",
+                 help="jaxpost's attention for long_context: auto, dense or blockwise")
   p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                  help=f"comma-separated frameworks (default: {','.join(FRAMEWORKS)})")
   p.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
@@ -245,8 +262,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
   """The `Settings` a command line asks for."""
-  workloads = tuple(w for w in args.only.split(",") if w)
-  frameworks = tuple(f for f in args.frameworks.split(",") if f)
+  workloads = tuple(x for w in args.only.split(",") if w for x in ALIASES.get(w, (w,)))
+  frameworks = tuple({"torch": "pytorch"}.get(f, f) for f in args.frameworks.split(",") if f)
   for w in workloads:
     if w not in WORKLOADS:
       raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
@@ -259,7 +276,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
       rounds=args.rounds or (1 if q else 3), train_warmup=2,
       train_steps=args.steps or (2 if q else 5), gen_warmup=1, gen_steps=1 if q else 3,
       matmul_sizes=(1024, 2048) if q else (1024, 2048, 3072), matmul_reps=3 if q else 5,
-      tiny=args.tiny, quick=q)
+      tiny=args.tiny, quick=q, chat_conversations=16 if q else 64, chat_epochs=1 if q else 2,
+      attention=args.attention)
 
 
 def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -279,7 +297,8 @@ def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, An
                    os.path.join(log_dir, f"matmul-{tag}.log"), args.timeout)
     if "error" in r:
       raise SystemExit(f"the ceiling measurement failed: {r['error']}")
-    log(f"  {r['ceiling_gflop_per_s']:.1f} GFLOP/s")
+    log(f"  {r['ceiling_gflop_per_s']:.1f} GFLOP/s, read bandwidth "
+        f"{r.get('bandwidth_gb_per_s', 0.0):.1f} GB/s")
     return r
 
   start_ceiling = ceiling("start")
@@ -304,6 +323,8 @@ def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, An
           "wall_s": time.perf_counter() - t0, "machine": start_ceiling.get("machine", {}),
           "ceilings_gflop_per_s": [start_ceiling["ceiling_gflop_per_s"],
                                    end_ceiling["ceiling_gflop_per_s"]],
+          "bandwidths_gb_per_s": [start_ceiling.get("bandwidth_gb_per_s"),
+                                  end_ceiling.get("bandwidth_gb_per_s")],
           "runs": runs, "ceiling_runs": [start_ceiling, end_ceiling]}
 
 
@@ -316,10 +337,11 @@ def write_outputs(payload: dict[str, Any], out_dir: str) -> list[dict]:
   """Aggregates `payload` (from `measure`) and writes RESULTS.md, results.png, results.json."""
   s = settings_from_json(payload["settings"])
   ceilings = payload["ceilings_gflop_per_s"]
-  rows = aggregate(s, payload["runs"], max(ceilings))
+  bandwidths = [b for b in payload.get("bandwidths_gb_per_s", []) if b]  # older runs: none
+  rows = aggregate(s, payload["runs"], max(ceilings), max(bandwidths, default=None))
   os.makedirs(out_dir, exist_ok=True)
   write_results_md(os.path.join(out_dir, "RESULTS.md"), s, rows, payload["machine"], ceilings,
-                   payload["command"], payload["started"], payload["wall_s"])
+                   payload["command"], payload["started"], payload["wall_s"], bandwidths)
   write_plot(os.path.join(out_dir, "results.png"), s, rows)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(dict(payload, rows=rows), f, indent=1)

@@ -10,6 +10,7 @@ import statistics
 from bench_model import layer_matmul_params, machine_line, matmul_params
 from flops import lora_matmul_params  # first: it puts benchmarks/workers/ on sys.path
 from jaxpost_worker import jaxpost_config
+from roofline import bound_table
 from workloads import (FRAMEWORK_TITLES, FRAMEWORKS, LORA, WORKLOADS, Settings, make_spec,
                        teacher_model)
 
@@ -33,6 +34,8 @@ def summary_table(rows: list[dict], s: Settings) -> str:
     cells = []
     for f in fws:
       r = by_key.get((name, f))
+      if r is None and w.peers_from and f != "jaxpost":  # the same work's row, shown again
+        r = by_key.get((w.peers_from, f))
       if r is None:
         cells.append("n/a")
       elif "tokens_per_s" not in r:
@@ -126,6 +129,61 @@ def flops_table(rows: list[dict], s: Settings) -> str:
   return "\n".join(lines)
 
 
+def chat_table(rows: list[dict]) -> str:
+  """sft_chat: how each framework lays the same conversations out, and the epoch it takes."""
+  lines = [("| framework | layout | steps / epoch | token slots | padding | epoch s "
+            "| real tokens/s | jaxpost / framework |"), "|---|---|--:|--:|--:|--:|--:|--:|"]
+  mine = next((r for r in rows if r["workload"] == "sft_chat" and r["framework"] == "jaxpost"
+               and "tokens_per_s" in r), None)
+  for r in rows:
+    if r["workload"] != "sft_chat" or "median_s" not in r:
+      continue
+    ratio = _fmt(mine and mine["tokens_per_s"] / r["tokens_per_s"], ".2f", "x")
+    lines.append(f"| {FRAMEWORK_TITLES[r['framework']]} | {r.get('layout', '-')} "
+                 f"| {r.get('steps_per_epoch', '-')} | {r.get('token_slots', 0):,} "
+                 f"| {100 * r.get('padding_share', 0.0):.0f}% | {r['median_s']:.2f} "
+                 f"| {r['tokens_per_s']:,.0f} | {ratio} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def long_context_table(rows: list[dict], s: Settings) -> str:
+  """long_context_*k: step time and peak memory against the sequence length, per framework,
+  and their growth from the shortest length measured."""
+  lines = [("| framework | length | step s | tokens/s | MFU | peak RSS MiB | time vs "
+            "first length | memory vs first length |"), "|---|--:|--:|--:|--:|--:|--:|--:|"]
+  for fw in FRAMEWORKS:
+    mine = [r for r in rows if r["workload"].startswith("long_context_")
+            and r["framework"] == fw and "median_s" in r]
+    mine.sort(key=lambda r: r["tokens_per_step"])
+    for r in mine:
+      first = mine[0]
+      title = FRAMEWORK_TITLES[fw] + (f" (attention={s.attention})" if fw == "jaxpost" else "")
+      lines.append(f"| {title} | {r['tokens_per_step']:,} | {r['median_s']:.3f} "
+                   f"| {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% "
+                   f"| {r['peak_rss_mb']:,.0f} | {r['median_s'] / first['median_s']:.1f}x "
+                   f"| {r['peak_rss_mb'] / first['peak_rss_mb']:.2f}x |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def dpo_variants_table(rows: list[dict]) -> str:
+  """The DPO rows on the same pairs: two rows per pair or one shared row, the reference in the
+  step or precomputed; the loss of each row's first and last step (the same on every jaxpost
+  row: same pairs, same initial weights)."""
+  names = ("dpo", "dpo_shared_prompt", "dpo_precomputed_ref")
+  lines = [("| workload | framework | rows x tokens per step | step s | tokens of both sides / s "
+            "| reference precompute s | loss first -> last |"), "|---|---|--:|--:|--:|--:|--:|"]
+  for r in rows:
+    if r["workload"] not in names or "median_s" not in r:
+      continue
+    shape = r.get("row_shape")
+    shape = f"{shape[0]} x {shape[1]}" if shape else "2P rows (chosen, rejected)"
+    loss = (f"{r['loss_first']:.6f} -> {r['loss_last']:.6f}" if "loss_first" in r else "-")
+    lines.append(f"| {WORKLOADS[r['workload']].title} | {FRAMEWORK_TITLES[r['framework']]} "
+                 f"| {shape} | {r['median_s']:.3f} | {r['tokens_per_s']:,.0f} "
+                 f"| {_fmt(r.get('precompute_s'), '.2f')} | {loss} |")
+  return "\n".join(lines) if len(lines) > 3 else ""
+
+
 def data_line(rows: list[dict], s: Settings) -> str:
   """Whether every framework fed its model the same token ids (their fingerprints)."""
   parts, same = [], True
@@ -192,6 +250,29 @@ eps 1e-8, weight decay 0.01 on every trained parameter, constant learning rate, 
   advantages whitened over the batch. Update: one mini-batch, one epoch: the clipped
   surrogate (clip 0.2, token mean) for the policy and the clipped value loss (clip 0.2) for
   the critic (the policy's trunk with a scalar value head), AdamW. Tokens per step as GRPO.
+* **SFT epoch, chat lengths** (`sft_chat`): conversations whose prompt and response lengths
+  are drawn (fixed seed, the same on every side) from log-normals with ShareGPT's published
+  mean lengths, 161.31 prompt and 337.99 response tokens (Kwon et al. 2023, the vLLM paper,
+  Fig. 11), sigma 1.0, each cut to 1024 tokens; the loss is on the response tokens only. Each
+  framework takes them its own documented way (the chat table): jaxpost packs them with
+  segment isolation (`jaxpost.data.BatchIterator(pack=True)`: 2 rows of 1024 per step),
+  Tunix pads every conversation to the fixed 1024 of its SFT example (4 per step), PyTorch
+  pads 4 per step to the longest of the step. A "step" is one epoch; tokens/s counts the
+  real (non-padding) tokens of the epoch, so the ratio is the ratio of epoch times; model
+  FLOPs are 3 x forward per real token at its conversation's own length.
+* **DPO, prompt scored once** (`dpo_shared_prompt`): the DPO pairs above, each as one row
+  `prompt, chosen, rejected` (jaxpost's `dpo.shared_prompt`: 8 rows of 128 + 1 + 2 x 128
+  tokens, branch ids so that each response sees the prompt and not the other response), the
+  reference in the step. Tunix's `DPOTrainer` has no such layout, so its row is its DPO step
+  on the same pairs. `dpo_precomputed_ref`: the same shared rows with the reference's
+  log-probs computed once before training (`reference.mode: precomputed`; that one-off time
+  is in the DPO table, not in the step), compared with the same Tunix row. Every DPO row
+  counts the tokens of both sides (2 x 8 x 256) per step, so their tokens/s compare pairs
+  per second; the loss is the same on every jaxpost row.
+* **SFT step at 1k-8k tokens** (`long_context_1k` ... `_8k`): one full SFT step on one row of
+  1024, 2048, 4096 or 8192 random tokens; the long-context table gives time and peak RSS per
+  length and their growth from 1k. jaxpost runs the attention `--attention` names (auto,
+  dense or blockwise; `model.attention`).
 
 ## What is timed
 
@@ -287,6 +368,12 @@ the median over rounds. Every timed step ends when its results are computed
   FLOPs of jaxpost's traced step (`bench_model.jaxpr_matmul_flops`; for GRPO and PPO, of the
   update step only): above the model count where jaxpost recomputes (the LM head chunks under
   `jax.checkpoint`) or does more than the algorithm needs.
+* **fraction of bound** (generation): the least time the machine allows for the call
+  (`benchmarks/roofline.py`) divided by the median time. The bound is the prefill's FLOPs at
+  the matmul ceiling, then for each decode step the larger of (the matmul weights, LM head
+  included, plus the keys and values of the step's context, read once at the measured read
+  bandwidth) and (its FLOPs at the ceiling). 100% would be a generation that reads nothing
+  twice and computes at the ceiling.
 * **CPU s / step**: the CPU time of the worker process (all threads) per timed step, median.
   On a quiet machine it is about cores x wall time for work that keeps every core busy; on a
   shared machine it is steadier than the wall time, so it helps read a noisy run (it also
@@ -307,7 +394,8 @@ the median over rounds. Every timed step ends when its results are computed
 
 
 def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
-                     ceilings: list[float], command: str, started: str, wall_s: float) -> None:
+                     ceilings: list[float], command: str, started: str, wall_s: float,
+                     bandwidths: list[float] | None = None) -> None:
   """RESULTS.md: machine, software, tables, notes, failures."""
   config = jaxpost_config(s.model)
   m = s.model
@@ -326,6 +414,11 @@ def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
                   "below).")
   ceiling_text = (f"**Ceiling:** {max(ceilings):.1f} GFLOP/s, the best f32 matmul (start "
                   f"{ceilings[0]:.1f} / end {ceilings[-1]:.1f}); MFU is relative to it.")
+  if bandwidths:
+    ceiling_text += (f" **Read bandwidth:** {max(bandwidths):.1f} GB/s (best jitted "
+                     f"reduction of a 256 MiB array, `roofline.py`; start {bandwidths[0]:.1f}"
+                     f" / end {bandwidths[-1]:.1f}); with the ceiling it gives generation's "
+                     "bound.")
   model_text = (
       f"**Model:** vocab {m['vocab_size']}, hidden {m['hidden_size']}, {m['num_layers']} "
       f"layers, {m['num_heads']} heads / {m['num_kv_heads']} KV heads (head_dim "
@@ -353,6 +446,10 @@ def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
       summary_table(rows, s), "",
       detail_table(rows), "",
       *([phase_table(rows), ""] if phase_table(rows) else []),
+      *([chat_table(rows), ""] if chat_table(rows) else []),
+      *([dpo_variants_table(rows), ""] if dpo_variants_table(rows) else []),
+      *([long_context_table(rows, s), ""] if long_context_table(rows, s) else []),
+      *([bound_table(rows), ""] if bound_table(rows) else []),
       flops_table(rows, s), "",
       "![tokens/s per workload and framework](results.png)", "",
   ]

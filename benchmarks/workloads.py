@@ -18,7 +18,15 @@ each worker that runs it):
 * `ppo`: one PPO step with a critic, rollout (16 prompts x 1 sample, the same lengths and
   reward as `grpo`, then the old policy's, the reference's and the critic's no-grad forwards,
   a k1 KL penalty in the per-token rewards, GAE, whitened advantages) then one update of the
-  policy (clipped surrogate) and the critic (clipped value loss); split as `grpo`.
+  policy (clipped surrogate) and the critic (clipped value loss); split as `grpo`;
+* `sft_chat`: one epoch of SFT over conversations with a realistic length distribution
+  (`common.chat_lengths`), loss on the responses only; each framework batches them its own
+  way, so the measure is real tokens per second of epoch;
+* `dpo_shared_prompt`: the `dpo` pairs, each as one row `prompt, chosen, rejected` (jaxpost's
+  `dpo.shared_prompt`); `dpo_precomputed_ref`: the same with the reference's log-probs
+  precomputed once (jaxpost only; its ratios are against `dpo_shared_prompt`'s peers);
+* `long_context_1k` ... `_8k` (`--only long_context`): one SFT step on a batch of one row of
+  1024 ... 8192 tokens: time and peak memory against length.
 
 Importing this module puts `benchmarks/` and `benchmarks/workers/` on `sys.path` (the workers
 are scripts, not a package), so `common`, `bench_model` and `jaxpost_worker` import as
@@ -42,6 +50,7 @@ for _path in (HERE, WORKERS):
 
 import common
 import flops
+import roofline
 
 FRAMEWORKS = ("jaxpost", "tunix", "pytorch")
 FRAMEWORK_TITLES = {"jaxpost": "jaxpost", "tunix": "Tunix", "pytorch": "PyTorch"}
@@ -77,6 +86,12 @@ class Workload:
   flops_per_step: Callable[[Any, dict], float]
   unit: str  # what tokens/s counts
   phases: tuple[Phase, ...] = ()  # parts of the step reported separately (GRPO)
+  # (config, spec, ceiling GFLOP/s, bandwidth GB/s) -> {"bound_s": the machine's least step
+  # time, ...} (`roofline`), for the workloads that have one (generation)
+  bound: Callable[[Any, dict, float, float], dict] | None = None
+  # the workload whose other frameworks' rows this one's ratios use (a jaxpost-only variant
+  # of the same work, e.g. the precomputed reference against Tunix's in-step DPO)
+  peers_from: str | None = None
 
 
 WORKLOADS = {
@@ -90,7 +105,7 @@ WORKLOADS = {
         Workload("distill", "Distillation step, 2x-depth teacher (AdamW)", ("jaxpost", "tunix"),
                  flops.train_tokens, flops.distill_flops, "trained tokens"),
         Workload("generate", "Greedy generation", ("jaxpost", "tunix", "pytorch"),
-                 flops.gen_tokens, flops.gen_flops, "new tokens"),
+                 flops.gen_tokens, flops.gen_flops, "new tokens", bound=roofline.gen_bound),
         Workload("grpo", "GRPO step (rollout + update)", ("jaxpost", "tunix"),
                  flops.grpo_row_tokens, flops.grpo_flops, "row tokens",
                  phases=(Phase("rollout", "rollout", flops.grpo_generated_tokens,
@@ -103,8 +118,23 @@ WORKLOADS = {
                                flops.ppo_rollout_flops, "generated tokens"),
                          Phase("update", "update", flops.ppo_row_tokens,
                                flops.ppo_update_flops, "trained tokens"))),
+        # Workloads as users have them (issue 19).
+        Workload("sft_chat", "SFT epoch, chat lengths (ShareGPT fit)",
+                 ("jaxpost", "tunix", "pytorch"), flops.chat_tokens, flops.chat_flops,
+                 "real tokens"),
+        Workload("dpo_shared_prompt", "DPO step, prompt scored once (shared row)",
+                 ("jaxpost", "tunix"), flops.dpo_tokens, flops.dpo_shared_flops,
+                 "tokens of both sides"),
+        Workload("dpo_precomputed_ref", "DPO step, shared row, reference precomputed",
+                 ("jaxpost",), flops.dpo_tokens, flops.dpo_precomputed_flops,
+                 "tokens of both sides", peers_from="dpo_shared_prompt"),
+        *(Workload(f"long_context_{n // 1024}k", f"SFT step at {n // 1024}k tokens",
+                   ("jaxpost", "tunix", "pytorch"), flops.train_tokens, flops.sft_flops,
+                   "trained tokens") for n in (1024, 2048, 4096, 8192)),
     )
 }
+LONG_CONTEXT = tuple(name for name in WORKLOADS if name.startswith("long_context_"))
+ALIASES = {"long_context": LONG_CONTEXT}  # --only names that stand for several workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +173,20 @@ class Settings:
   ppo_prompts: int = 16
   ppo_prompt_len: int = 128
   ppo_new_tokens: int = 128
+  # sft_chat: conversations with ShareGPT's mean lengths (`common.chat_lengths`), each cut to
+  # chat_max_len; jaxpost packs them into chat_rows rows of chat_max_len per step, the peers
+  # take chat_batch conversations per step (Tunix padded to chat_max_len, PyTorch to the longest)
+  chat_conversations: int = 64
+  chat_prompt_mean: float = 161.31
+  chat_response_mean: float = 337.99
+  chat_sigma: float = 1.0
+  chat_max_len: int = 1024
+  chat_rows: int = 2
+  chat_batch: int = 4
+  chat_epochs: int = 2  # timed epochs per worker, after one warm-up epoch
+  # long_context_*k: one SFT step on long_context_batch rows of the workload's length
+  long_context_batch: int = 1
+  attention: str = "auto"  # jaxpost's model.attention for long_context (auto|dense|blockwise)
 
 
 def teacher_model(s: Settings) -> dict:
@@ -154,10 +198,18 @@ def teacher_model(s: Settings) -> dict:
 def make_spec(s: Settings, workload: str) -> dict:
   """The JSON spec a worker receives (see `benchmarks/workers/common.py`)."""
   generating = workload == "generate"
+  train = {"batch": s.batch, "seq_len": s.seq_len}
+  if workload in LONG_CONTEXT:
+    train = {"batch": s.long_context_batch, "seq_len": 1024 * int(workload[13:-1])}
   return {
       "workload": workload,
       "model": s.model,
-      "train": {"batch": s.batch, "seq_len": s.seq_len},
+      "train": train,
+      "chat": {"conversations": s.chat_conversations, "prompt_mean": s.chat_prompt_mean,
+               "response_mean": s.chat_response_mean, "sigma": s.chat_sigma,
+               "max_len": s.chat_max_len, "rows": s.chat_rows, "batch": s.chat_batch,
+               "warmup_epochs": 1, "epochs": s.chat_epochs},
+      "long_context": dict(train, attention=s.attention),
       "dpo": {"pairs": s.dpo_pairs, "prompt_len": s.dpo_prompt_len,
               "response_len": s.dpo_response_len, "beta": s.dpo_beta},
       "distill": {"teacher": teacher_model(s), "kind": s.distill_kind,

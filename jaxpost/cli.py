@@ -3,6 +3,10 @@
     jaxpost train CONFIG.yaml [key.path=value ...]   train (every algorithm, one command)
     jaxpost eval EVAL.yaml [key=value ...]           evaluate a model, or follow=RUN_DIR
     jaxpost merge MERGE.yaml [key=value ...]         merge models (mergekit's YAML) to an HF folder
+    jaxpost steer STEER.yaml [key=value ...]         a CAA steering vector, generations at -k..k
+    jaxpost probe PROBE.yaml [key=value ...]         linear probes per layer: held-out accuracy
+    jaxpost heads HEADS.yaml [key=value ...]         per-head knockout: change in a metric, heat map
+    jaxpost compile CONFIG.yaml topology=v5e-256     compile the step for a pod: memory, collectives
     jaxpost plot RUN_DIR                             draw a run's loss and metric curves (PNG)
     jaxpost generate MODEL_DIR --prompt "..."        chat with a local HF model folder
     jaxpost demo [--run-dir runs/demo]               build a tiny model on the spot and generate
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 from jaxpost.chat_template import ChatTemplateError
+from jaxpost.compile_cache import enable_compile_cache
 from jaxpost.errors import TrainingError
 
 
@@ -103,9 +108,13 @@ def _cmd_train(args) -> int:
   from jaxpost.config import load_config  # pylint: disable=import-outside-toplevel
 
   cfg = load_config(args.config, args.overrides)  # validated before anything compiles
+  enable_compile_cache(cfg.compile_cache)
   from jaxpost.train.trainer import train  # pylint: disable=import-outside-toplevel
 
   summary = train(cfg)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:  # a multi-host run: the first process reports and plots
+    return 0
   if "continual" in summary:  # a stages: recipe (a task sequence)
     return _print_continual(summary["continual"])
   run_dir = summary["run_dir"]
@@ -152,8 +161,13 @@ def _cmd_eval(args) -> int:
 
   cfg = load_config(args.config, args.overrides, root=EvalConfig)
   from jaxpost.eval.command import run_eval  # pylint: disable=import-outside-toplevel
+  from jaxpost.multihost import initialize  # pylint: disable=import-outside-toplevel
 
+  initialize()  # a multi-host evaluation: JAX_COORDINATOR_ADDRESS, ... or a detected cluster
   summary = run_eval(cfg)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return 0
   out = Path(summary["out_dir"])
   print(f"evaluated steps {summary['steps']}; metrics: {out}/metrics.jsonl"
         + (f"; report: {out}/report.md" if (out / "report.md").exists() else ""))
@@ -180,6 +194,24 @@ def _cmd_merge(args) -> int:
         f"{r['largest_tensor_mib']:.1f} MiB)")
   print(f"evaluate it: jaxpost eval EVAL.yaml model={r['out']}")
   return 0
+
+
+def _cmd_whitebox(args) -> int:
+  """`jaxpost steer | probe | heads`: the config is validated before the model is read."""
+  from jaxpost.config import load_config  # pylint: disable=import-outside-toplevel
+  from jaxpost.config.whitebox_tools import HeadsConfig, ProbeConfig, SteerConfig  # pylint: disable=import-outside-toplevel
+
+  root = {"steer": SteerConfig, "probe": ProbeConfig, "heads": HeadsConfig}[args.command]
+  cfg = load_config(args.config, args.overrides, root=root)
+  from jaxpost.whitebox import commands  # pylint: disable=import-outside-toplevel
+
+  getattr(commands, f"run_{args.command}")(cfg)
+  return 0
+
+
+def _cmd_compile(args) -> int:
+  from jaxpost.aot.command import run_compile  # pylint: disable=import-outside-toplevel
+  return run_compile(args.config, args.overrides, sampler=not args.no_sampler)
 
 
 def _cmd_plot(args) -> int:
@@ -223,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
   merge.add_argument("--max-shard-size", default="5GB", help="split the output above this size")
   merge.set_defaults(func=_cmd_merge)
+  for name, what, example in (
+      ("steer", "a steering vector by contrastive activation addition from a JSONL of pairs, "
+       "saved, with generations at coefficients -k..k", "configs/steer.yaml"),
+      ("probe", "linear probes per layer on cached activations: held-out accuracy table and "
+       "PNG", "configs/probe.yaml"),
+      ("heads", "per-head knockout: the change in a metric when each head is ablated, as a "
+       "heat map", "configs/heads.yaml")):
+    wb = sub.add_parser(name, help=what)
+    wb.add_argument("config", help=f"a YAML config (see {example})")
+    wb.add_argument("overrides", nargs="*", help="e.g. model=runs/quickstart out_dir=runs/x")
+    wb.set_defaults(func=_cmd_whitebox)
+  comp = sub.add_parser(
+      "compile", help="compile a recipe's training step (and sampler) ahead of time for a TPU "
+      "topology (v5e-256, v5p-128, ...) or cpu-N, from shapes only: memory per device, fit, "
+      "collectives")
+  comp.add_argument("config", help="a training recipe (see configs/)")
+  comp.add_argument("overrides", nargs="*",
+                    help="topology=NAME (required) and key=value overrides, e.g. "
+                    "model.preset=llama3-8b train.batch_size=256 mesh.fsdp=32 mesh.tensor=8")
+  comp.add_argument("--no-sampler", action="store_true",
+                    help="compile only the training step (not an RL algorithm's sampler)")
+  comp.set_defaults(func=_cmd_compile)
   plot = sub.add_parser("plot", help="draw a run's metrics to PNG files in RUN_DIR/plots")
   plot.add_argument("run_dir")
   plot.set_defaults(func=_cmd_plot)
@@ -270,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the command; every error ends in one line `jaxpost: error: ...` and exit status 2
   (1 for an internal error), with the traceback only under `--debug`."""
   args = build_parser().parse_args(argv)
+  if args.func not in (_cmd_train, _cmd_plot):  # train reads `compile_cache` from its recipe
+    enable_compile_cache()
   try:
     return args.func(args)
   except KeyboardInterrupt:

@@ -105,7 +105,8 @@ def test_valid_keys_cover_the_tree():
     ("train.steps=true", "expected an integer, got True (bool)"),
     ("optim.lr=fast", "wrong type for 'optim.lr'"),
     ("optim.grad_clip=big", "expected a number or null, got 'big'"),
-    ("model.remat=1", "expected a boolean, got 1 (int)"),
+    ("model.remat=1", "expected a boolean or one of 'none', 'full', 'dots', 'dots_no_batch', "
+                       "'qkv_attn_out', got 1 (int)"),
     ("data.train=3", "expected a string or null, got 3 (int)"),
 ])
 def test_wrong_type(recipe, override, fragment):
@@ -158,7 +159,7 @@ def test_batch_divisibility(recipe, overrides, fragment):
     ("optim.warmup_steps=50", "optim.warmup_steps=50 exceeds train.steps=20"),
     ("data.eval=null", "train.eval_every=5 needs data.eval"),
     ("checkpoint.keep_best=1", None),
-    ("model.path=/models/x", "model.path and model.tiny=true are exclusive"),
+    ("model.path=/models/x", "model.path, model.tiny=true and model.preset are exclusive"),
     ("distributed.process_id=2", None),
 ])
 def test_impossible_values(recipe, override, fragment):
@@ -271,6 +272,10 @@ def test_every_recipe_loads(recipe):
   elif recipe.name.startswith("eval"):
     cfg = load_config(recipe, root=EvalConfig)
     assert cfg.suites
+  elif recipe.stem in ("steer", "probe", "heads"):  # `jaxpost steer | probe | heads`
+    from jaxpost.config.whitebox_tools import HeadsConfig, ProbeConfig, SteerConfig
+    root = {"steer": SteerConfig, "probe": ProbeConfig, "heads": HeadsConfig}[recipe.stem]
+    assert load_config(recipe, root=root).model
   else:  # sft.yaml is a template: the user names the model and the data
     overrides = ["model.path=m", "data.train=t.jsonl", "data.eval=e.jsonl"] if recipe.name == "sft.yaml" else []
     cfg = load_config(recipe, overrides)

@@ -11,7 +11,8 @@ and prints exactly one line starting with `RESULT_PREFIX` followed by the result
 
 The spec (built by `benchmarks/workloads.py`'s `make_spec`):
 
-    {"workload": "sft" | "lora" | "dpo" | "distill" | "generate" | "grpo" | "ppo" | "matmul",
+    {"workload": "sft" | "lora" | "dpo" | "distill" | "generate" | "grpo" | "ppo" | "sft_chat"
+                 | "dpo_shared_prompt" | "dpo_precomputed_ref" | "long_context_<n>k" | "matmul",
      "model": {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "intermediate_size", "tie_embeddings", "rope_theta", "norm_eps"},
      "train": {"batch", "seq_len"},                     # sft, lora, distill
@@ -21,6 +22,9 @@ The spec (built by `benchmarks/workloads.py`'s `make_spec`):
      "grpo": {"prompts", "group", "prompt_len", "new_tokens", "temperature"},
      "ppo": {"prompts", "prompt_len", "new_tokens", "temperature", "kl_coef", "gamma", "lam",
              "clip", "value_clip", "vf_coef"},
+     "chat": {"conversations", "prompt_mean", "response_mean", "sigma", "max_len", "rows",
+              "batch", "warmup_epochs", "epochs"},           # sft_chat
+     "long_context": {"seq_len", "batch", "attention"},  # long_context_*k ("train" set to it)
      "lora": {"rank", "alpha", "targets"},
      "optim": {"lr", "b1", "b2", "eps", "weight_decay"},
      "matmul": {"sizes", "reps"},
@@ -127,6 +131,59 @@ def ppo_prompts(spec: dict) -> np.ndarray:
   rng = np.random.default_rng(spec["seed"] + 5)
   return rng.integers(1, spec["model"]["vocab_size"], (p["prompts"], p["prompt_len"]),
                       dtype=np.int64).astype(np.int32)
+
+
+# The sft_chat workload's lengths: a log-normal fit to the mean prompt and response lengths of
+# ShareGPT (ChatGPT conversations shared by users), 161.31 and 337.99 tokens, as published in
+# the vLLM paper (Kwon et al., SOSP 2023, "Efficient Memory Management for Large Language Model
+# Serving with PagedAttention", section 6.1 and Fig. 11: 8.4x Alpaca's 19.31-token inputs,
+# 5.8x its 58.45-token outputs). The spread (sigma, the same for prompts and responses) is ours.
+CHAT_SOURCE = ("ShareGPT mean lengths (prompt 161.31, response 337.99 tokens; Kwon et al. 2023, "
+               "Fig. 11), log-normal, sigma {sigma}")
+
+
+def chat_lengths(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt, response) token counts of the sft_chat conversations: log-normal with the
+  spec's means and sigma (mu = ln(mean) - sigma^2 / 2), each conversation cut to `max_len`
+  tokens (the response's end goes first; a prompt keeps at most max_len - 16 tokens)."""
+  c = spec["chat"]
+  rng = np.random.default_rng(spec["seed"] + 7)
+  n, sigma = c["conversations"], c["sigma"]
+  draw = lambda mean: np.maximum(  # noqa: E731
+      1, np.round(rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n))).astype(np.int64)
+  prompt, reply = draw(c["prompt_mean"]), draw(c["response_mean"])
+  prompt = np.minimum(prompt, c["max_len"] - 16)
+  reply = np.minimum(reply, c["max_len"] - prompt)
+  return prompt, reply
+
+
+def chat_examples(spec: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The sft_chat conversations in their fixed order: (tokens int32 [n], trained bool [n]) each,
+  `trained[t]` True on the response tokens (token t is a target, predicted from tokens < t)."""
+  prompt, reply = chat_lengths(spec)
+  rng = np.random.default_rng(spec["seed"] + 8)
+  v = spec["model"]["vocab_size"]
+  out = []
+  for p, r in zip(prompt, reply):
+    tokens = rng.integers(1, v, p + r, dtype=np.int64).astype(np.int32)
+    out.append((tokens, np.arange(p + r) >= p))
+  return out
+
+
+def padded_batches(examples: list[tuple[np.ndarray, np.ndarray]], batch: int,
+                   width: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Consecutive groups of `batch` conversations, right-padded with id 0 to `width` (None: the
+  longest of the group): [(tokens [b, w], trained [b, w])]."""
+  out = []
+  for i in range(0, len(examples), batch):
+    group = examples[i:i + batch]
+    w = width or max(len(t) for t, _ in group)
+    tokens = np.zeros((len(group), w), np.int32)
+    trained = np.zeros((len(group), w), bool)
+    for j, (t, m) in enumerate(group):
+      tokens[j, :len(t)], trained[j, :len(t)] = t, m
+    out.append((tokens, trained))
+  return out
 
 
 def grpo_reward(completion_ids) -> float:

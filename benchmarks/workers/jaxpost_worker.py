@@ -4,7 +4,8 @@ What one timed step is, per workload (each step ends with `jax.block_until_ready
 train state and the metrics, or on the generated tokens):
 
 * **matmul**: not a workload but the f32 ceiling: `bench_model.bench_matmul` (best GFLOP/s of a
-  jitted square `a @ b`), run at the start and at the end of a benchmark run.
+  jitted square `a @ b`), run at the start and at the end of a benchmark run; with it the read
+  bandwidth (`roofline.bench_bandwidth`), for generation's bound.
 * **sft**: `jaxpost.train.make_train_step(partial(sft_loss, config=...), adamw)` as in
   `bench_model.bench_train_step`: one call `step(state, batch, {})` (forward, chunked LM head
   and log-softmax under `jax.checkpoint`, backward, AdamW, the NaN guard). The loss covers
@@ -29,6 +30,10 @@ train state and the metrics, or on the generated tokens):
   computed a chunk of positions at a time under `jax.checkpoint`.
 * **generate**: one call of `jaxpost.sampling.generate(..., temperature=0.0)` (greedy) on the
   prompt batch, prefill included.
+* **sft_chat**, **dpo_shared_prompt**, **dpo_precomputed_ref**: see `jaxpost_user.py`.
+* **long_context_*k**: the sft step on `spec["train"]` (batch 1 of 1024 ... 8192 tokens) with
+  `sft_loss(attention=spec["long_context"]["attention"])` (`model.attention`: auto, dense or
+  blockwise).
 * **grpo**: one RL step, rollout then update, as `jaxpost.rl.rollout.RolloutSource` and the
   train loop do it, from the library's own pieces. Rollout: `jaxpost.sampling.generate(...,
   temperature=1.0, num_samples=G)` (each prompt prefilled once, its KV cache shared by its G
@@ -140,10 +145,18 @@ def bench_train(spec: dict) -> dict:
     loss_fn = functools.partial(dpo_loss, config=config, loss_type="sigmoid",
                                 beta=spec["dpo"]["beta"])
     trainable, frozen = params, {"ref_params": jax.tree.map(jnp.copy, params)}
+  elif w in ("sft_chat", "dpo_shared_prompt", "dpo_precomputed_ref"):
+    import jaxpost_user  # pylint: disable=import-outside-toplevel
+
+    bench = jaxpost_user.bench_chat if w == "sft_chat" else jaxpost_user.bench_dpo_shared
+    return bench(spec, config, params, opt)
   else:
     tokens = common.sft_tokens(spec)
     batch = lm_batch(tokens)
-    loss_fn = functools.partial(sft_loss, config=config)
+    # long_context_*k: the attention implementation the run asks for (model.attention)
+    kw = ({"attention": spec["long_context"]["attention"]} if w.startswith("long_context_")
+          else {})
+    loss_fn = functools.partial(sft_loss, config=config, **kw)
     trainable, frozen = params, {}
     if w == "distill":
       d = spec["distill"]
@@ -362,13 +375,16 @@ def bench_ppo(spec: dict) -> dict:
 
 
 def bench_ceiling(spec: dict) -> dict:
-  """The f32 matmul ceiling (`bench_model.bench_matmul`)."""
+  """The f32 matmul ceiling (`bench_model.bench_matmul`) and the read bandwidth
+  (`roofline.bench_bandwidth`, for generation's bound)."""
   from bench_model import bench_matmul
+  from roofline import bench_bandwidth
 
   m = spec["matmul"]
   best, rows = bench_matmul(m["sizes"], m["reps"])
   return {"ceiling_gflop_per_s": best,
-          "sizes": {r.shape: r.extra["best_gflop_per_s"] for r in rows}}
+          "sizes": {r.shape: r.extra["best_gflop_per_s"] for r in rows},
+          **bench_bandwidth(reps=m["reps"] + 5)}
 
 
 def main() -> None:
@@ -379,7 +395,8 @@ def main() -> None:
 
   common.log(f"jaxpost worker: {spec['workload']} on {jax.devices()[0].device_kind}")
   w = spec["workload"]
-  if w in ("sft", "lora", "dpo", "distill"):
+  if w in ("sft", "lora", "dpo", "distill", "sft_chat", "dpo_shared_prompt",
+           "dpo_precomputed_ref") or w.startswith("long_context_"):
     result = bench_train(spec)
   elif w == "generate":
     result = bench_generate(spec)

@@ -8,6 +8,8 @@ process, with `torch.set_num_threads(os.cpu_count())`.
   implementation, `sdpa` here, recorded in the result), `loss.backward()` and
   `torch.optim.AdamW.step()`. PyTorch runs eagerly, so the step has ended when `.item()` of
   the loss returns after the optimizer step.
+* **sft_chat**: `bench_chat` (an epoch of conversations padded to the longest per step);
+  **long_context_*k**: the sft step on one long row.
 * **generate**: `model.generate(..., do_sample=False, max_new_tokens=N, min_new_tokens=N)`
   (greedy, KV cache, no end token) under `torch.inference_mode()`.
 """
@@ -37,7 +39,8 @@ def make_model(spec: dict):
       num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
       head_dim=m["head_dim"], rms_norm_eps=m["norm_eps"],
       rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"])},
-      tie_word_embeddings=m["tie_embeddings"], max_position_embeddings=4096,
+      tie_word_embeddings=m["tie_embeddings"],
+      max_position_embeddings=max(4096, spec["train"]["seq_len"]),
       initializer_range=0.02, pad_token_id=0, bos_token_id=None, eos_token_id=None)
   torch.manual_seed(spec["seed"])
   return LlamaForCausalLM(config).to(torch.float32)
@@ -68,6 +71,48 @@ def bench_sft(spec: dict) -> dict:
   n_params = sum(p.numel() for p in model.parameters())
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=n_params, attn_implementation=model.config._attn_implementation)
+
+
+def bench_chat(spec: dict) -> dict:
+  """One epoch of SFT over the chat conversations: `chat.batch` per step, padded to the longest
+  of the step (what `DataCollatorForSeq2Seq` / `DataCollatorWithPadding` do), `attention_mask`
+  0 on padding, labels -100 on the prompt and the padding (loss on the responses)."""
+  import numpy as np
+  import torch
+
+  c = spec["chat"]
+  model = make_model(spec)
+  model.train()
+  o = spec["optim"]
+  opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
+                          eps=o["eps"], weight_decay=o["weight_decay"])
+  convs = common.chat_examples(spec)
+  batches = []
+  for tokens, trained in common.padded_batches(convs, c["batch"], None):
+    ids = torch.from_numpy(tokens).long()
+    labels = torch.where(torch.from_numpy(trained), ids, torch.full_like(ids, -100))
+    batches.append((ids, (ids != 0).long(), labels))
+  losses = []
+
+  def epoch():
+    loss = None
+    for ids, mask, labels in batches:
+      opt.zero_grad(set_to_none=True)
+      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+      loss.backward()
+      opt.step()
+    losses.append(loss.item())
+    return loss
+
+  timing = common.time_steps(epoch, c["warmup_epochs"], c["epochs"])
+  real = sum(len(t) for t, _ in convs)
+  slots = sum(b[0].numel() for b in batches)
+  return dict(timing, data_digest=common.digest(np.concatenate([t for t, _ in convs])),
+              losses=losses, steps_per_epoch=len(batches), real_tokens=real, token_slots=slots,
+              padding_share=1 - real / slots,
+              layout=f"{c['batch']} conversations per step, padded to the longest of the step",
+              trainable_params=sum(p.numel() for p in model.parameters()),
+              attn_implementation=model.config._attn_implementation)
 
 
 def bench_generate(spec: dict) -> dict:
@@ -102,8 +147,10 @@ def main() -> None:
   torch.set_num_threads(os.cpu_count())
   common.log(f"torch worker: {spec['workload']} ({torch.get_num_threads()} threads)")
   w = spec["workload"]
-  if w == "sft":
+  if w == "sft" or w.startswith("long_context_"):  # long_context: `spec["train"]` is long
     result = bench_sft(spec)
+  elif w == "sft_chat":
+    result = bench_chat(spec)
   elif w == "generate":
     result = bench_generate(spec)
   else:

@@ -52,6 +52,7 @@ What one timed step is, per workload (each step ends when its outputs are ready)
   prefilled; rewards; advantages) and, inside it, `RLCluster.generate` (the sampling alone);
   and `RLCluster.update_actor` (the actor trainer's `train()` on the rollout batch: one
   optimizer step). Each phase ends with `jax.block_until_ready` on what it produced.
+* **sft_chat**, **dpo_shared_prompt**, **long_context_*k**: see `tunix_user.py`.
 * **ppo**: Tunix's `PPOLearner.train()` on an `RLCluster` with actor, reference (a second
   `Llama3`, same weights) and critic (`make_critic`: `tunix.rl.utils.create_critic_model`),
   `PPOConfig(beta=kl_coef, kl_method="kl", gamma, gae_lambda, epsilon, clip_range_value)`,
@@ -549,9 +550,13 @@ def main() -> None:
                           category=DeprecationWarning)
   with mesh:
     w = spec["workload"]
-    if w in ("sft", "lora"):
+    if w in ("sft", "lora") or w.startswith("long_context_"):
       result = bench_peft(spec, mesh, lora=w == "lora")
-    elif w == "dpo":
+    elif w == "sft_chat":
+      import tunix_user  # pylint: disable=import-outside-toplevel
+
+      result = tunix_user.bench_chat(spec, mesh, make_model, make_optimizer, count_params)
+    elif w in ("dpo", "dpo_shared_prompt"):  # Tunix has no shared-prompt layout (tunix_user)
       result = bench_dpo(spec, mesh)
     elif w == "distill":
       result = bench_distill(spec, mesh)

@@ -25,6 +25,7 @@ import dataclasses
 from typing import Literal
 
 from jaxpost.config.continual import ContinualSection, Overrides, ReplaySection, check_continual
+from jaxpost.config.whitebox import DriftSection, EditSection
 from jaxpost.config.curriculum import CurriculumSection
 from jaxpost.config.distill import DistillSection
 from jaxpost.config.eval import EvalSection
@@ -47,22 +48,29 @@ class ModelSection(Section):
   """The model to train: a Hugging Face folder (`path`) or a tiny one built on the spot.
 
   `dtype` is the parameter dtype; `compute_dtype` the activation dtype (None: same as
-  `dtype`); `remat` rematerialises each layer in the backward pass.
+  `dtype`). `remat` chooses what each layer keeps for the backward pass, the rest being
+  recomputed: false ("none"), true ("full": only the layer's input), "dots" (every matmul
+  output), "dots_no_batch" (the projections' outputs; attention is recomputed) or
+  "qkv_attn_out" (q, k, v and the attention block's output). `attention` is "auto" (dense
+  below 1024 x 1024 query-key pairs, blockwise above), "dense", "blockwise" (memory linear in
+  the sequence length) or "cudnn" (cuDNN's fused kernel on GPU; blockwise where it cannot run).
   """
 
   path: str | None = None
   tiny: bool = False
+  preset: str | None = None  # a named architecture, shapes only (`jaxpost compile`)
   tiny_hidden_size: int = 128
   tiny_num_layers: int = 2
   dtype: Dtype = "float32"
   compute_dtype: Dtype | None = None
-  remat: bool = False
+  remat: bool | Literal["none", "full", "dots", "dots_no_batch", "qkv_attn_out"] = False
+  attention: Literal["auto", "dense", "blockwise", "cudnn"] = "auto"
 
   def validate(self, prefix: str) -> None:
-    _require(self.path is not None or self.tiny,
+    _require(self.path is not None or self.tiny or self.preset is not None,
              f"missing required key '{prefix}path' (or set {prefix}tiny=true)")
-    _require(not (self.path is not None and self.tiny),
-             f"{prefix}path and {prefix}tiny=true are exclusive; set only one")
+    _require((self.path is not None) + self.tiny + (self.preset is not None) <= 1,
+             f"{prefix}path, {prefix}tiny=true and {prefix}preset are exclusive; set only one")
     _require(self.path != "", f"{prefix}path must not be empty")
     _require(self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 4 == 0,
              f"{prefix}tiny_hidden_size must be a multiple of 4 and >= 8, "
@@ -80,6 +88,10 @@ class DataSection(Section):
   (preference data, as TRL); `on_bad_row` raises or skips a malformed row; `train_on`
   selects which tokens carry the loss (None: the format's default); `curriculum` orders the
   training stream easy first (`CurriculumSection`); `replay` mixes earlier data into it.
+  `shards` > 1 splits the training rows into that many shards (row i in shard i % shards),
+  each batched on its own into batch_size / shards rows of every batch: a process reads and
+  tokenises only the shards its devices' rows come from, and the batches are the same for any
+  number of processes (`jaxpost.data.ShardedBatches`, docs/multihost.md).
   """
 
   train: str | None = None
@@ -94,9 +106,14 @@ class DataSection(Section):
   train_on: str | None = None
   curriculum: CurriculumSection | None = None
   replay: ReplaySection | None = None
+  shards: int = 1
 
   def validate(self, prefix: str) -> None:
     _require(self.seq_len >= 1, f"{prefix}seq_len must be >= 1, got {self.seq_len}")
+    _require(self.shards >= 1, f"{prefix}shards must be >= 1, got {self.shards}")
+    _require(self.shards == 1 or (self.curriculum is None and self.replay is None),
+             f"{prefix}shards={self.shards} does not combine with {prefix}curriculum or "
+             f"{prefix}replay yet (they order the whole data set); set {prefix}shards=1")
     _require(self.max_length is None or self.max_length >= 1,
              f"{prefix}max_length must be >= 1 or null, got {self.max_length}")
     _require(self.max_prompt_length is None or self.max_prompt_length >= 1,
@@ -114,7 +131,9 @@ class OptimSection(Section):
 
   `schedule`: "constant"; "linear" decay to 0; "cosine" decay to 0; "warmup_cosine" linear
   warm-up over `warmup_steps` then cosine decay (the other schedules also warm up when
-  `warmup_steps` > 0). `grad_clip` is the global-norm clip (None: no clipping).
+  `warmup_steps` > 0). `grad_clip` is the global-norm clip (None: no clipping). `offload`
+  keeps the optimizer state in host memory (JAX's `pinned_host`), moved to the device inside
+  the step only while the update runs: AdamW's two moments leave the accelerator's HBM.
   """
 
   name: Optimizer = "adamw"
@@ -126,6 +145,7 @@ class OptimSection(Section):
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip: float | None = 1.0
+  offload: bool = False
 
   def validate(self, prefix: str) -> None:
     _require(self.lr > 0, f"{prefix}lr must be > 0, got {self.lr}")
@@ -192,11 +212,15 @@ class MeshSection(Section):
 @dataclasses.dataclass(frozen=True)
 class DistributedSection(Section):
   """Multi-process (multi-host) start-up for `jax.distributed.initialize`; None = detected
-  from the environment (TPU pods, SLURM, ...) or a single process."""
+  from the environment (TPU pods, SLURM, ...) or a single process. `enabled`: None starts it
+  when a coordinator or `num_processes` is given or a cluster is detected
+  (`jaxpost.multihost.detected_cluster`), true always (JAX detects the rest: a GCE TPU VM
+  pod), false never. See docs/multihost.md."""
 
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  enabled: bool | None = None
 
   def validate(self, prefix: str) -> None:
     n, i = self.num_processes, self.process_id
@@ -313,7 +337,9 @@ class DPOSection(Section):
   `loss_type` sigmoid (DPO), hinge, ipo, cdpo, robust, simpo, orpo (the last two need no
   reference model); `beta`; `label_smoothing` (cdpo, robust); `gamma` (SimPO's margin);
   `length_normalize` averages log-probs per token for every loss type; `sft_weight` adds the
-  chosen answers' NLL (RPO; TRL's rpo_alpha).
+  chosen answers' NLL (RPO; TRL's rpo_alpha). `shared_prompt` lays each pair out as one row
+  `prompt, chosen, rejected` (`data.seq_len` long) that scores the prompt once
+  (`jaxpost.data.shared_prompt`); the log-probs, and so the loss, are the same.
   """
   loss_type: PreferenceLoss = "sigmoid"
   beta: float = 0.1
@@ -321,6 +347,7 @@ class DPOSection(Section):
   gamma: float = 0.0
   length_normalize: bool = False
   sft_weight: float = 0.0
+  shared_prompt: bool = False
 
   @property
   def needs_reference(self) -> bool:
@@ -411,7 +438,12 @@ class RunConfig:
   distill: DistillSection = dataclasses.field(default_factory=DistillSection)
   eval: EvalSection | None = None  # suites run in the loop (jaxpost.eval)
   continual: ContinualSection = dataclasses.field(default_factory=ContinualSection)
+  drift: DriftSection = dataclasses.field(default_factory=DriftSection)
+  edit: EditSection | None = None  # train only an edit at one site
   stages: tuple[Overrides, ...] = ()  # a task sequence: each stage's overrides (continual)
+  # JAX's persistent compilation cache (`jaxpost.compile_cache`): true = the default folder
+  # (~/.cache/jaxpost/xla), a folder, or false = off
+  compile_cache: bool | str = True
 
   def makes_own_data(self) -> bool:
     """Whether the run builds its own training data (so `data.train` is not required): a
@@ -435,6 +467,16 @@ class RunConfig:
     _require(t.batch_size % shards == 0,
              f"train.batch_size={t.batch_size} is not divisible by the batch shards "
              f"mesh.data x mesh.fsdp = {self.mesh.data} x {self.mesh.fsdp} = {shards}")
+    _require(t.batch_size % self.data.shards == 0,
+             f"train.batch_size={t.batch_size} is not divisible by data.shards="
+             f"{self.data.shards}")
+    _require(self.data.shards == 1 or self.reference.mode == "in_step",
+             f"data.shards={self.data.shards} needs reference.mode=in_step (a precomputed "
+             "reference is a table over the whole data set)")
+    _require(self.data.shards == 1 or self.algorithm != "distill"
+             or (self.distill.cache_top_k == 0 and self.distill.lambda_on_policy == 0),
+             f"data.shards={self.data.shards} does not combine with distill.cache_top_k or "
+             "distill.lambda_on_policy yet; set data.shards=1")
     micro = t.batch_size // t.micro_batches
     _require(micro % shards == 0,
              f"the micro-batch train.batch_size / train.micro_batches = {t.batch_size} / "
@@ -444,6 +486,11 @@ class RunConfig:
              f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={t.steps}")
     _require(self.lora is None or self.prompt is None,
              "lora and prompt are exclusive; keep one of the two sections")
+    _require(self.edit is None or (self.lora is None and self.prompt is None),
+             "edit, lora and prompt are exclusive; keep one of the sections")
+    _require(not self.dpo.shared_prompt or self.algorithm == "dpo",
+             f"dpo.shared_prompt lays out offline pairs for algorithm=dpo, not "
+             f"algorithm={self.algorithm}")
     _require(not (self.algorithm == "kto" and self.reference.mode == "precomputed"),
              "reference.mode=precomputed is for paired data; KTO's KL rows change with "
              "every batch, so use reference.mode=in_step")

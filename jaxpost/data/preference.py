@@ -39,7 +39,9 @@ is a completion token), `segment_ids` (1 on the sequence, 0 on padding), `positi
 
 * paired, `pair_batch`: each array [B, 2, T], index 0 of axis 1 the chosen side, 1 the rejected.
   A loss reshapes to [2B, T] for one forward; splitting along axis 0 (micro-batches, data
-  parallelism) keeps every pair together.
+  parallelism) keeps every pair together. `shared_prompt=True` lays each pair out as one row
+  `prompt, chosen, rejected` instead ([B, T] arrays plus `branch_ids`; the prompt is scored
+  once: `jaxpost.data.shared_prompt`).
 * unpaired, `kto_batch`: each array [B, T], `label` [B] int32 (1 desirable, 0 undesirable), and
   the same five arrays prefixed `kl_` [B, T] for KTO's KL baseline: row i's prompt followed by
   the completion of row (i + 1) mod B of the same batch (TRL's mismatched pairs, rotated within
@@ -67,6 +69,7 @@ from jaxpost.data.formats import (Chat, Example, check_messages, check_string, c
 from jaxpost.data.packing import make_rows
 from jaxpost.data.pipeline import pad_id_of
 from jaxpost.data.preference_iterator import PreferenceIterator, PreferenceStats
+from jaxpost.data.shared_prompt import shared_pair_batch
 from jaxpost.data.sources import Row, read_rows
 from jaxpost.tokenizer import Tokenizer
 
@@ -398,6 +401,7 @@ def build_preference_batches(
     drop_remainder: bool = True,
     state: Mapping[str, Any] | None = None,
     split: str = "train",
+    shared_prompt: bool = False,
 ) -> PreferenceIterator:
   """Paired preference batches ([B, 2, T], see the module docstring) from a data file.
 
@@ -413,8 +417,11 @@ def build_preference_batches(
       in `stats.skipped_rows` by reason).
     shuffle, epochs, drop_remainder, state: see `PreferenceIterator`.
     split: the split of a hub dataset (local files are "train"; slices like "train[:100]").
+    shared_prompt: lay each pair out as one [seq_len] row `prompt, chosen, rejected` with
+      `branch_ids` (`jaxpost.data.shared_prompt`), so the prompt is scored once: [B, T] arrays.
   """
-  return _build(tokenize_pairs, pair_batch, path, tokenizer, split=split, on_bad_row=on_bad_row,
+  collate = shared_pair_batch if shared_prompt else pair_batch
+  return _build(tokenize_pairs, collate, path, tokenizer, split=split, on_bad_row=on_bad_row,
                 batch_size=batch_size, seq_len=seq_len, max_length=max_length,
                 max_prompt_length=max_prompt_length, shuffle=shuffle, seed=seed,
                 drop_remainder=drop_remainder, epochs=epochs, state=state)

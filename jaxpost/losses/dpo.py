@@ -4,7 +4,9 @@
     loss, metrics = loss_fn(params, batch, rng, ref_params=ref)
 
 Paired batches ([B, 2, T] arrays, index 0 chosen and 1 rejected, see
-`jaxpost.data.preference`) go through the model in one forward of [2B, T] rows. The reference
+`jaxpost.data.preference`) go through the model in one forward of [2B, T] rows; shared-prompt
+batches (`dpo.shared_prompt`: [B, T] rows `prompt, chosen, rejected` with `branch_ids`, see
+`jaxpost.data.shared_prompt`) in one forward of B rows that score each prompt once. The reference
 log-probs come from, in order: the batch (`ref_logps` [B, 2], precomputed once over the data),
 or `ref_params` run in the same compiled step without gradient (the frozen reference; under
 LoRA or prompt tuning, the base model with the adapters off), or nowhere (SimPO, ORPO).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpost.data.shared_prompt import CHOSEN, REJECTED
 from jaxpost.losses.preference import kto_loss as kto_objective
 from jaxpost.losses.preference import preference_loss, weighted_mean
 from jaxpost.losses.tokens import sequence_logprobs, target_logprobs
@@ -27,11 +30,11 @@ _KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def sequence_scores(config: ModelConfig, params: dict, rows: dict, *, compute_dtype=None,
-                    remat: bool = False) -> tuple[jax.Array, jax.Array]:
+                    remat: bool = False, attention: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Summed completion log-probs and completion token counts of [N, T] rows: ([N], [N])."""
   out = forward(config, params, rows["tokens"], positions=rows["positions"],
                 segment_ids=rows["segment_ids"], compute_dtype=compute_dtype, remat=remat,
-                compute_logits=False)
+                attention=attention, compute_logits=False)
   logp_NxT = target_logprobs(config, params, out.final_hidden, rows["targets"])
   return sequence_logprobs(logp_NxT, rows["loss_mask"])
 
@@ -41,8 +44,36 @@ def _flat_pairs(batch: dict) -> dict:
   return {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]], axis=0) for k in _KEYS}
 
 
+def side_masks(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """The trained-token masks of the chosen and the rejected side of a paired batch, either
+  layout: [B, T] each (shared prompt, `jaxpost.data.shared_prompt`) or [B, T] slices of the
+  [B, 2, T] pairs."""
+  if "branch_ids" in batch:
+    mask, branch = batch["loss_mask"], batch["branch_ids"]
+    return mask & (branch == CHOSEN), mask & (branch == REJECTED)
+  return batch["loss_mask"][:, 0], batch["loss_mask"][:, 1]
+
+
+def shared_pair_logps(config: ModelConfig, params: dict, batch: dict, *, compute_dtype=None,
+                      remat: bool = False, attention: str = "auto"):
+  """`pair_logps` of a shared-prompt batch ([B, T] rows `prompt, chosen, rejected` with
+  `branch_ids`, see `jaxpost.data.shared_prompt`): one forward of B rows, the prompt once."""
+  out = forward(config, params, batch["tokens"], positions=batch["positions"],
+                segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"],
+                compute_dtype=compute_dtype, remat=remat, attention=attention, compute_logits=False)
+  logp_BxT = target_logprobs(config, params, out.final_hidden, batch["targets"])
+  chosen_mask, rejected_mask = side_masks(batch)
+  chosen, n_chosen = sequence_logprobs(logp_BxT, chosen_mask)
+  rejected, n_rejected = sequence_logprobs(logp_BxT, rejected_mask)
+  return chosen, rejected, n_chosen, n_rejected
+
+
 def pair_logps(config: ModelConfig, params: dict, batch: dict, **kw):
-  """(chosen, rejected, chosen_lengths, rejected_lengths), each [B], in one forward."""
+  """(chosen, rejected, chosen_lengths, rejected_lengths), each [B], in one forward: of the
+  [2B, T] rows of [B, 2, T] pairs, or of the B shared-prompt rows when the batch has
+  `branch_ids`."""
+  if "branch_ids" in batch:
+    return shared_pair_logps(config, params, batch, **kw)
   B = batch["tokens"].shape[0]
   logps, lengths = sequence_scores(config, params, _flat_pairs(batch), **kw)
   return logps[:B], logps[B:], lengths[:B], lengths[B:]
@@ -57,7 +88,8 @@ def reference_pair_logps(config: ModelConfig, ref_params: dict, batch: dict, **k
 def dpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
              ref_params: dict | None = None, loss_type: str = "sigmoid", beta: float = 0.1,
              label_smoothing: float = 0.0, gamma: float = 0.0, length_normalize: bool = False,
-             sft_weight: float = 0.0, compute_dtype=None, remat: bool = False):
+             sft_weight: float = 0.0, compute_dtype=None, remat: bool = False,
+             attention: str = "auto"):
   """DPO-family loss of a paired batch (see `jaxpost.losses.preference.preference_loss`).
 
   `sft_weight` > 0 adds that times the chosen completion's per-token NLL (RPO, Pang et al.
@@ -67,7 +99,7 @@ def dpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
   number of real pairs, so micro-batch accumulation equals one big batch.
   """
   del rng
-  kw = dict(compute_dtype=compute_dtype, remat=remat)
+  kw = dict(compute_dtype=compute_dtype, remat=remat, attention=attention)
   chosen, rejected, n_chosen, n_rejected = pair_logps(config, params, batch, **kw)
   ref_chosen = ref_rejected = None
   if loss_type not in ("simpo", "orpo"):
@@ -78,8 +110,9 @@ def dpo_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
     else:
       raise ValueError(f"loss_type={loss_type!r} needs a reference: pass ref_params or "
                        "batch['ref_logps']")
-  weights_B = (jnp.any(batch["loss_mask"][:, 0], axis=-1)
-               & jnp.any(batch["loss_mask"][:, 1], axis=-1)).astype(jnp.float32)
+  chosen_mask, rejected_mask = side_masks(batch)
+  weights_B = (jnp.any(chosen_mask, axis=-1) & jnp.any(rejected_mask, axis=-1)
+               ).astype(jnp.float32)
   extra = {}
   if loss_type in ("cdpo", "robust") or (loss_type in ("sigmoid", "simpo") and label_smoothing):
     extra["label_smoothing"] = label_smoothing
@@ -105,10 +138,11 @@ def _kto_rows(batch: dict) -> dict:
 
 def kto_loss(params: dict, batch: dict, rng: jax.Array, *, config: ModelConfig,
              ref_params: dict | None = None, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0, compute_dtype=None, remat: bool = False):
+             undesirable_weight: float = 1.0, compute_dtype=None, remat: bool = False,
+             attention: str = "auto"):
   """KTO loss of an unpaired batch (see `jaxpost.losses.preference.kto_loss`)."""
   del rng
-  kw = dict(compute_dtype=compute_dtype, remat=remat)
+  kw = dict(compute_dtype=compute_dtype, remat=remat, attention=attention)
   B = batch["tokens"].shape[0]
   rows = _kto_rows(batch)
   logps, _ = sequence_scores(config, params, rows, **kw)

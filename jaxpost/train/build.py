@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost import multihost
 from jaxpost import sharding as sharding_lib
 from jaxpost.algorithms import Algorithm, Frozen, Policy, make_algorithm
 from jaxpost.config import RunConfig
@@ -35,6 +36,7 @@ from jaxpost.errors import TrainingError
 from jaxpost.train.optim import make_optimizer
 from jaxpost.train.step import batch_sharding, init_state, make_train_step, state_shardings
 from jaxpost.train.trainable import Trainable, make_trainable, start_anchor, trainable_loss
+from jaxpost.whitebox.drift import with_drift_penalty
 
 # An algorithm, a factory `run -> Algorithm`, or None (the registry's, by `cfg.algorithm`).
 AlgorithmArg = Algorithm | Callable[["Run"], Algorithm] | None
@@ -59,7 +61,7 @@ def place(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 class Run:
   """A built run. `config` is the model's `ModelConfig`, `cfg` the run's `RunConfig`; `data`
   gives an algorithm its files (`data.path(kind, split)`); `model_kwargs` are the forward
-  options every loss takes (`compute_dtype`, `remat`)."""
+  options every loss takes (`compute_dtype`, `remat`, `attention`)."""
 
   cfg: RunConfig
   run_dir: Path
@@ -80,8 +82,18 @@ class Run:
   state_shardings: Any = None
   frozen_shardings: Any = None
 
-  def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return place(batch, self.batch_sharding)
+  def place(self, batch: dict[str, np.ndarray], rows: tuple[int, int] | None = None
+            ) -> dict[str, jax.Array]:
+    """A host batch -> global arrays on the batch sharding. `rows=(lo, global_rows)`: the
+    batch holds only this process's rows [lo, lo + len) of a global batch of `global_rows`
+    (a per-process data source's, `jaxpost.data.ShardedBatches`)."""
+    if rows is None:
+      return place(batch, self.batch_sharding)
+    return multihost.place_rows(batch, self.batch_sharding, lo=rows[0], global_rows=rows[1])
+
+  def process_rows(self, global_rows: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch of `global_rows` this process feeds."""
+    return multihost.process_rows(self.batch_sharding, global_rows)
 
   def init_state(self):
     """(the initial `TrainState`, the frozen inputs), placed on their shardings."""
@@ -123,11 +135,21 @@ class Run:
     """The reference model's full params (the start model, frozen; under PEFT the base)."""
     return self.trainable.reference(params, frozen)
 
+  def _loss(self):
+    """The algorithm's loss over model params, with the `drift:` term when it is on, and
+    whether it reads the reference model."""
+    a, d = self.algorithm, self.cfg.drift
+    if not d.enabled:
+      return a.loss, a.needs_reference
+    return with_drift_penalty(a.loss, self.config, weight=d.weight, site=d.site,
+                              layers=d.layers, model_kwargs=self.model_kwargs), True
+
   @functools.cached_property
   def step(self):
     """The compiled update step `step(state, batch, frozen) -> (state, metrics)`."""
-    a, t = self.algorithm, self.cfg.train
-    loss = trainable_loss(self.trainable, a.loss, training=True, reference=a.needs_reference,
+    t = self.cfg.train
+    algorithm_loss, reference = self._loss()
+    loss = trainable_loss(self.trainable, algorithm_loss, training=True, reference=reference,
                           l2_to_init=self.cfg.continual.l2_to_init)
     return make_train_step(loss, self.optimizer, state_sharding=self.state_shardings,
                            batch_sharding=self.batch_sharding,
@@ -137,8 +159,8 @@ class Run:
   @functools.cached_property
   def evaluate_batch(self):
     """The compiled held-out loss `(params, frozen, batch) -> (loss, metrics)`: no dropout."""
-    a = self.algorithm
-    loss = trainable_loss(self.trainable, a.loss, training=False, reference=a.needs_reference)
+    algorithm_loss, reference = self._loss()
+    loss = trainable_loss(self.trainable, algorithm_loss, training=False, reference=reference)
     key = jax.random.key(0)
     return jax.jit(lambda p, fr, b: loss(p, b, key, fr),
                    in_shardings=(self.state_shardings.params, self.frozen_shardings,
@@ -146,7 +168,12 @@ class Run:
 
   def export(self, params, frozen: Frozen, out_dir: str | Path) -> list[Path]:
     """Writes `final/` (Hugging Face; the algorithm's export, else the trainable's: merged
-    under LoRA) with the tokenizer, and `adapter/` (PEFT format) for PEFT runs."""
+    under LoRA) with the tokenizer, and `adapter/` (PEFT format) for PEFT runs. In a
+    multi-process run every process must call it: all gather the params, the first writes."""
+    if jax.process_count() > 1:  # every process gathers; the first writes (host memory)
+      params, frozen = multihost.host_tree(params), multihost.host_tree(frozen)
+      if jax.process_index() != 0:
+        return []
     out_dir = Path(out_dir)
     final = out_dir / "final"
     if self.algorithm.export is not None:
@@ -172,12 +199,17 @@ def make_tiny_model(cfg: RunConfig, folder: Path, corpus) -> Path:
 def _model_dir(cfg: RunConfig, run_dir: Path, data, *, create: bool) -> Path:
   if cfg.model.tiny:
     model_dir = run_dir / "model"
+    multihost.sync("tiny-model:check")  # every process sees the folder as it was at the start
     if not (model_dir / "config.json").exists():
       if not create:
         raise TrainingError(f"{model_dir} is missing: this run's tiny model (model.tiny=true) "
                             "was never made, or was removed")
-      make_tiny_model(cfg, model_dir, data.corpus())
+      multihost.first_process(lambda: make_tiny_model(cfg, model_dir, data.corpus()),
+                              "tiny-model")
     return model_dir
+  if cfg.model.preset is not None:
+    raise TrainingError(f"model.preset={cfg.model.preset} is an architecture without weights, "
+                        "for `jaxpost compile`; to train, set model.path to a model folder")
   model_dir = Path(cfg.model.path)
   if not model_dir.exists():
     raise TrainingError(f"model.path {str(model_dir)!r} does not exist" + (
@@ -186,21 +218,33 @@ def _model_dir(cfg: RunConfig, run_dir: Path, data, *, create: bool) -> Path:
   return model_dir
 
 
+def model_kwargs(cfg: RunConfig) -> dict:
+  """The forward options every loss takes, from `model:` (`Run.model_kwargs`); shared with
+  `jaxpost compile`'s shape-only run (`jaxpost.aot.abstract`) so both build the same step."""
+  m = cfg.model
+  return {"compute_dtype": jnp.dtype(m.compute_dtype) if m.compute_dtype else None,
+          "remat": m.remat, "attention": m.attention}
+
+
+def step_needs_reference(cfg: RunConfig, algorithm: Algorithm) -> bool:
+  """Whether the update step reads a reference model: the algorithm's, or the drift term's."""
+  return algorithm.needs_reference or cfg.drift.enabled
+
+
 def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = True) -> Run:
   """Builds the run of `cfg` (see the module docstring). `training=False` (export, eval) keeps
   no copy of the reference model and writes nothing (a missing tiny model is an error)."""
   run_dir = Path(cfg.run_dir)
-  sharding_lib.initialize_distributed(cfg.distributed.coordinator_address,
-                                      cfg.distributed.num_processes, cfg.distributed.process_id)
+  dist = cfg.distributed
+  sharding_lib.initialize_distributed(dist.coordinator_address, dist.num_processes,
+                                      dist.process_id, dist.enabled)
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   data = data_source(cfg, run_dir)
   model_dir = _model_dir(cfg, run_dir, data, create=training)
   config, params = load_hf(model_dir, dtype=jnp.dtype(cfg.model.dtype), mesh=mesh)
-  compute_dtype = jnp.dtype(cfg.model.compute_dtype) if cfg.model.compute_dtype else None
   run = Run(cfg=cfg, run_dir=run_dir, model_dir=model_dir, config=config,
             tokenizer=load_tokenizer(model_dir), mesh=mesh, data=data,
-            batch_sharding=batch_sharding(mesh),
-            model_kwargs={"compute_dtype": compute_dtype, "remat": cfg.model.remat},
+            batch_sharding=batch_sharding(mesh), model_kwargs=model_kwargs(cfg),
             rng=jax.random.key(cfg.train.seed))
   if algorithm is None:
     algorithm = make_algorithm(cfg.algorithm, run)
@@ -215,7 +259,7 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
   if algorithm.wrap_trainable is not None:
     run.trainable = algorithm.wrap_trainable(run.trainable)
   run.tree, run.frozen = run.trainable.init(
-      params, run.rng, reference=training and algorithm.needs_reference,
+      params, run.rng, reference=training and step_needs_reference(cfg, algorithm),
       moving_reference=algorithm.moving_reference, reference_of=algorithm.reference_of)
   run.frozen_shardings = run.trainable.frozen_shardings(run.frozen)
   if training and cfg.continual.l2_to_init > 0:  # the anchor of the L2 pull: the start tree
@@ -226,5 +270,6 @@ def build(cfg: RunConfig, algorithm: AlgorithmArg = None, *, training: bool = Tr
     run.frozen = run.frozen.replace(teacher=teacher)
     run.frozen_shardings = run.frozen_shardings.replace(teacher=teacher_shardings)
   run.optimizer, run.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-  run.state_shardings = state_shardings(run.trainable.shardings, run.tree, run.optimizer, mesh)
+  run.state_shardings = state_shardings(run.trainable.shardings, run.tree, run.optimizer, mesh,
+                                        offload=cfg.optim.offload)
   return run
