@@ -183,7 +183,7 @@ CONFIG_CASES = [
     ("override syntax", lambda w: ["train", w["recipe"], "train.steps"], r"invalid override 'train.steps'"),
     ("override into value", lambda w: ["train", w["recipe"], "run_dir.x=1"], r"'run_dir' is a value"),
     ("path and tiny", lambda w: ["train", w["recipe"], "model.path=/x"],
-     r"model.path and model.tiny=true are exclusive"),
+     r"model.path, model.tiny=true and model.preset are exclusive"),
     ("no model", lambda w: ["train", w["recipe"], "model.tiny=false"], r"missing required key 'model.path'"),
     ("no data", lambda w: ["train", w["files"]("nodata", train="null")], r"missing required key 'data.train'"),
     ("eval without data", lambda w: ["train", w["files"]("noeval"), "train.eval_every=5"],

@@ -255,3 +255,30 @@ def test_the_architecture_doc_example_runs_as_written():
   assert not jnp.allclose(namespace["doubled"].logits[:, -1], namespace["out"].logits[:, -1])
   np.testing.assert_array_equal(namespace["doubled"].logits[:, :-1],
                                 namespace["out"].logits[:, :-1])
+
+
+def test_activations_follow_the_batch_under_a_mesh():
+  """Under `jax.set_mesh` (how the update step runs) the embedding output is constrained to
+  the batch axes; without a mesh the program has no constraint; the values are the same."""
+  out = run_on_8_cpu_devices("""
+import sys; sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from jaxpost.models import forward, init_params, param_specs
+from jaxpost.sharding import make_mesh, param_shardings
+from test_models import LLAMA as cfg
+params = init_params(cfg, jax.random.key(0))
+tokens = jax.random.randint(jax.random.key(1), (8, 12), 1, 90)
+mesh = make_mesh(data=2, fsdp=4)
+sp = jax.device_put(params, param_shardings(param_specs(cfg), mesh))
+st = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+f = jax.jit(lambda p, t: forward(cfg, p, t).logits)
+plain = f.lower(sp, st).as_text()
+with jax.set_mesh(mesh):
+  constrained = f.lower(sp, st).as_text()
+  on_mesh = f(sp, st)
+assert "sharding_constraint" not in plain
+assert '<@mesh, [{"data", "fsdp"}, {}, {}]> : tensor<8x12x64xf32>' in constrained
+np.testing.assert_allclose(on_mesh, f(sp, st), atol=1e-6)
+print("OK")
+""")
+  assert "OK" in out

@@ -29,6 +29,7 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.models.flash import blockwise_attend, choose_attention, cudnn_attend
 from jaxpost.models.rope import apply_rope, rope_tables
 from jaxpost.models.sites import Context, Sites
+from jaxpost.sharding import constrain_batch
 from jaxpost.models.weights import base_of, cast_tree, lookup, project
 
 
@@ -345,6 +346,7 @@ def forward(
     x_BxTxD = lookup(params["embed"], tokens_BxT, dtype)
   if c.scale_embeddings:
     x_BxTxD = x_BxTxD * jnp.asarray(c.embed_scale, dtype)
+  x_BxTxD = constrain_batch(x_BxTxD)  # split by batch under a mesh, not like the table
   S = k_slots_S.shape[0]
   buffers = sites.empty_buffers(_site_shapes(c, B, T, S, dtype)) if sites.captures else {}
   carry = (x_BxTxD, cache.k if cache is not None else None,

@@ -33,6 +33,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxpost.sharding import on_mesh
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -181,4 +183,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     replicated = NamedSharding(mesh, PartitionSpec())
     kwargs["in_shardings"] = (state_sharding, batch_sharding, frozen_sharding)
     kwargs["out_shardings"] = (state_sharding, replicated)
+    if mesh.size > 1:  # the forward's activations follow the batch (`constrain_batch`)
+      return on_mesh(jax.jit(fn, **kwargs), mesh)
   return jax.jit(fn, **kwargs)
