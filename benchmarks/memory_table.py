@@ -73,17 +73,13 @@ NOTES = """
 - Arguments are small and scale as they should (8B SFT on v5p-128: 0.70 GiB of sharded
   bf16 weights and AdamW moments per chip; with `optim.offload=true` the moments move to host
   memory: 1B SFT on v5e-16, 0.43 -> 0.14 GiB of HBM arguments, 0.29 GiB in host memory).
-- The temporaries do not: they grow with the *global* batch (8B SFT: 17.2 GiB on v5e-64, 63.6
-  GiB on v5e-256, both one row per chip). The optimized HLO holds activations and the fused
-  loss's logits chunk at the full batch (`bf16[16,2048,8192]`, `f32[16,512,128256]` on 16
-  chips for 1B): with only the jit boundary's shardings, XLA propagates the embedding table's
-  `embed -> fsdp` split into the activations and keeps the batch replicated. One
-  `with_sharding_constraint(x, P(("data", "fsdp")))` on the embedding output (tried by patching
-  `lookup` in a scratch script; `models/transformer.py` is not changed here) brings 8B SFT on
-  v5e-64 from "needs 17.2 GiB of temporaries" to a 5.17 GiB peak that fits, and on v5e-256
-  from "needs 63.6 GiB" to a 4.49 GiB peak (temporaries 4.32 GiB). The table is what
-  today's step needs; most OOM cells should fit once the forward pass constrains its
-  activations to the batch split.
+- Temporaries: the first version of this table (before `sharding.constrain_batch`) had them
+  grow with the *global* batch (8B SFT: 17.2 GiB on v5e-64, 63.6 GiB on v5e-256, one row per
+  chip): with only the jit boundary's shardings, XLA propagated the embedding table's
+  `embed -> fsdp` split into the activations and kept the batch replicated on every chip. The
+  update step now runs under `jax.set_mesh` and `forward` constrains its embedding output to
+  the batch axes; the activations follow the batch, and a row per chip costs the same
+  temporaries on 16 chips as on 256.
 - The fused loss (`losses/fused_nll.py`) is bounded: it never holds B x T x V, only one chunk of
   512 positions of the local rows (B_local x 512 x V float32: 250 MiB per row for a 128k
   vocabulary) and the head's gradient, float32, sharded as the head is.

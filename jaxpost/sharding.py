@@ -31,8 +31,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """`x` with its leading (batch) axis split over the rules' "batch" mesh axes, when traced
+def constrain_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+  """`x` with its batch axis (`axis`) split over the rules' "batch" mesh axes, when traced
   under a mesh (`jax.set_mesh`, as the update step is: `on_mesh`); unchanged otherwise, and
   when the batch does not divide.
 
@@ -45,9 +45,11 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return x
   axes = tuple(a for a in dict(DEFAULT_RULES)["batch"]
                if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+  if not axes or x.shape[axis] % int(np.prod([mesh.shape[a] for a in axes])):
     return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *(None,) * (x.ndim - 1)))
+  spec = [None] * x.ndim
+  spec[axis] = axes
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 class on_mesh:  # pylint: disable=invalid-name

@@ -171,4 +171,5 @@ def lower_sampler(run: Run) -> jax.stages.Lowered | None:
                    num_samples=rl.num_generations)
     return out.tokens, out.sample_logprobs
 
-  return jax.jit(sample, out_shardings=replicated).lower(params)
+  with jax.set_mesh(run.mesh):  # the rollout samples under the mesh (rows follow the batch)
+    return jax.jit(sample, out_shardings=replicated).lower(params)

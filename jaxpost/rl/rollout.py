@@ -196,11 +196,12 @@ class RolloutSource:
 
   def _sample(self, model, prompts: list[Prompt], key):
     rl, tok = self.rl, self.run.tokenizer
-    out = generate(self.run.config, model, [p.ids for p in prompts],
-                   max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
-                   top_p=rl.top_p, stop_tokens=tok.eos_ids, seed=key, pad_id=pad_id_of(tok),
-                   compute_dtype=self._compute_dtype, prompt_bucket=self.prompt_width,
-                   num_samples=self.group)
+    with jax.set_mesh(self.run.mesh):  # the decode state and KV cache follow the batch
+      out = generate(self.run.config, model, [p.ids for p in prompts],
+                     max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                     top_k=rl.top_k, top_p=rl.top_p, stop_tokens=tok.eos_ids, seed=key,
+                     pad_id=pad_id_of(tok), compute_dtype=self._compute_dtype,
+                     prompt_bucket=self.prompt_width, num_samples=self.group)
     tokens, lengths, sample_logps, entropies = host_tree(
         (out.tokens, out.lengths, out.sample_logprobs, out.entropies))
     return (np.asarray(tokens), np.asarray(lengths), np.asarray(sample_logps, np.float32),
