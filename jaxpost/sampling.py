@@ -271,18 +271,17 @@ def _decode_cache(cache, extra: int):
                        segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))))
 
 
-def _rows_follow_the_batch(tree):
-  """Every row-indexed array of the decode state (and the KV cache, whose batch axis is the
-  fourth from the end: [L, B, K, S, Dh] or a layer's [B, K, S, Dh]) split over the batch
-  axes when traced under a mesh (`sharding.constrain_batch`): on a pod the cache is then
-  1 / (data x fsdp) of the rollout batch per chip, not all of it. Unchanged without a mesh."""
-  def place(path, x):
-    if not hasattr(x, "ndim") or x.ndim == 0:
-      return x
-    name = jax.tree_util.keystr(path)
-    is_kv = name.endswith((".k", ".v")) or ".k[" in name or ".v[" in name
-    return constrain_batch(x, x.ndim - 4 if is_kv and x.ndim >= 4 else 0)
-  return jax.tree_util.tree_map_with_path(place, tree)
+def _cache_follows_the_batch(cache):
+  """The KV cache split over the batch axes when traced under a mesh
+  (`sharding.constrain_batch`): keys and values on their batch axis, the fourth from the end
+  ([L, B, K, S, Dh] stacked, [B, K, S, Dh] per layer), slot segments and positions on their
+  rows. On a pod each chip then holds 1 / (data x fsdp) of the rollout's cache, not all of
+  it. Unchanged without a mesh."""
+  def kv(x):
+    return constrain_batch(x, x.ndim - 4)
+  return cache.replace(k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v),
+                       segment_ids=constrain_batch(cache.segment_ids),
+                       next_pos=constrain_batch(cache.next_pos))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -291,7 +290,7 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
   B, P = tokens_BxP.shape
   # The prefill's cache holds the prompt only, so its attention spans P slots, not P + max_new;
   # `_decode_cache` then gives each layer its own buffer with room for the new tokens.
-  cache = _rows_follow_the_batch(start_cache(config, params, B, P, cache_dtype))
+  cache = _cache_follows_the_batch(start_cache(config, params, B, P, cache_dtype))
   out = forward(config, params, tokens_BxP, segment_ids=segments_BxP, cache=cache,
                 compute_dtype=compute_dtype, compute_logits=False,
                 interventions=interventions or None)
@@ -321,9 +320,10 @@ def _generate(config, sampler, max_new, num_samples, cache_dtype, compute_dtype,
       done=is_stop(token_B),
       # one buffer per layer: each decode step writes and reads a layer's keys and values in
       # place (a stacked cache would copy every layer's slice out of the stack per step)
-      cache=_decode_cache(out.cache, max_new),
+      cache=_cache_follows_the_batch(_decode_cache(out.cache, max_new)),
   )
-  state = _rows_follow_the_batch(state)
+  # The decode state's rows follow the batch too (its [B] and [B, max_new] arrays).
+  state.update({k: constrain_batch(v) for k, v in state.items() if k not in ("step", "cache")})
 
   def cond(s):
     return (s["step"] < max_new) & ~jnp.all(s["done"])
