@@ -25,6 +25,26 @@ import functools
 import common
 
 
+def time_update_steps(step, state, batch, frozen, spec: dict):
+  """`spec["warmup"]` then `spec["steps"]` timed calls of the update step on one batch
+  (`common.time_steps`), and the executed matmul FLOPs of one call (from its jaxpr):
+  (timing, losses, executed). Shared by the jaxpost worker's training workloads."""
+  import jax
+  from bench_model import jaxpr_matmul_flops
+
+  holder, losses = [state], []
+
+  def one():
+    holder[0], metrics = step(holder[0], batch, frozen)
+    jax.block_until_ready((holder[0], metrics))
+    losses.append(float(metrics["loss"]))
+    return metrics
+
+  timing = common.time_steps(one, spec["warmup"], spec["steps"])
+  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], batch, frozen)
+  return timing, losses, executed
+
+
 def _state(trainable, opt):
   import jax
 
@@ -93,7 +113,6 @@ def bench_dpo_shared(spec: dict, config, params, opt) -> dict:
 
   import jax
   import jax.numpy as jnp
-  from bench_model import jaxpr_matmul_flops
 
   from jaxpost.losses.dpo import dpo_loss, reference_logps
   from jaxpost.train import make_train_step
@@ -110,17 +129,8 @@ def bench_dpo_shared(spec: dict, config, params, opt) -> dict:
   loss_fn = functools.partial(dpo_loss, config=config, loss_type="sigmoid",
                               beta=spec["dpo"]["beta"])
   step = make_train_step(loss_fn, opt)
-  holder = _state(params, opt)
-  losses = []
-
-  def one():
-    holder[0], metrics = step(holder[0], batch, frozen)
-    jax.block_until_ready((holder[0], metrics))
-    losses.append(float(metrics["loss"]))
-    return metrics
-
-  timing = common.time_steps(one, spec["warmup"], spec["steps"])
-  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], batch, frozen)
+  timing, losses, executed = time_update_steps(step, _state(params, opt)[0], batch, frozen,
+                                               spec)
   tokens, _ = common.dpo_rows(spec)
   return dict(timing, **extra, data_digest=common.digest(tokens), losses=losses,
               row_shape=list(batch["tokens"].shape), executed_matmul_flops=executed,

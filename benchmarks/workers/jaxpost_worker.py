@@ -125,7 +125,7 @@ def bench_train(spec: dict) -> dict:
   """SFT, LoRA, DPO or distillation update steps through `make_train_step`."""
   import jax
   import jax.numpy as jnp
-  from bench_model import jaxpr_matmul_flops
+  import jaxpost_user  # pylint: disable=import-outside-toplevel
 
   from jaxpost.losses import distill_batch_loss, sft_loss
   from jaxpost.losses.dpo import dpo_loss
@@ -146,8 +146,6 @@ def bench_train(spec: dict) -> dict:
                                 beta=spec["dpo"]["beta"])
     trainable, frozen = params, {"ref_params": jax.tree.map(jnp.copy, params)}
   elif w in ("sft_chat", "dpo_shared_prompt", "dpo_precomputed_ref"):
-    import jaxpost_user  # pylint: disable=import-outside-toplevel
-
     bench = jaxpost_user.bench_chat if w == "sft_chat" else jaxpost_user.bench_dpo_shared
     return bench(spec, config, params, opt)
   else:
@@ -173,18 +171,9 @@ def bench_train(spec: dict) -> dict:
       frozen = {"base": params}
   batch = jax.device_put(batch)
   step = make_train_step(loss_fn, opt)
-  holder = [init_state(trainable, opt, jax.random.key(0))]
   n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-  losses = []
-
-  def one():
-    holder[0], metrics = step(holder[0], batch, frozen)
-    jax.block_until_ready((holder[0], metrics))
-    losses.append(float(metrics["loss"]))
-    return metrics
-
-  timing = common.time_steps(one, spec["warmup"], spec["steps"])
-  executed = jaxpr_matmul_flops(lambda s, b, f: step(s, b, f), holder[0], batch, frozen)
+  timing, losses, executed = jaxpost_user.time_update_steps(
+      step, init_state(trainable, opt, jax.random.key(0)), batch, frozen, spec)
   return dict(timing, data_digest=common.digest(tokens), losses=losses,
               trainable_params=n_trainable, executed_matmul_flops=executed)
 
