@@ -139,10 +139,11 @@ class Run:
     """The algorithm's loss over model params, with the `drift:` term when it is on, and
     whether it reads the reference model."""
     a, d = self.algorithm, self.cfg.drift
-    if not d.enabled:
-      return a.loss, a.needs_reference
-    return with_drift_penalty(a.loss, self.config, weight=d.weight, site=d.site,
-                              layers=d.layers, model_kwargs=self.model_kwargs), True
+    loss = a.loss
+    if d.enabled:
+      loss = with_drift_penalty(loss, self.config, weight=d.weight, site=d.site,
+                                layers=d.layers, model_kwargs=self.model_kwargs)
+    return loss, step_needs_reference(self.cfg, a)
 
   @functools.cached_property
   def step(self):
