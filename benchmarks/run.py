@@ -57,6 +57,7 @@ from workloads import (ALIASES, FRAMEWORKS, HERE, MODEL, REPO, TINY_MODEL, WORKE
 import common
 from bench_model import cpu_seconds
 from jaxpost_worker import jaxpost_config
+from starts import measure_starts, starts_section
 from tables import summary_table, write_plot, write_results_md
 
 TUNIX_VERSION = "0.1.7"
@@ -104,14 +105,17 @@ def _children_cpu_s() -> float:
 
 
 def run_worker(python: str, framework: str, spec: dict, log_path: str,
-               timeout_s: float) -> dict[str, Any]:
-  """Runs one worker; its result dict, or {"error": ...} when it failed.
+               timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Runs one worker (`env`: extra environment); its result dict, or {"error": ...} when it
+  failed.
 
   Adds `other_load`: the share of the machine's CPU time used by processes other than the
-  worker while it ran (0 = the machine was quiet).
+  worker while it ran (0 = the machine was quiet). The worker gets its launch time
+  (`common.LAUNCHED_AT_ENV`), from which it reports `time_to_first_step_s`.
   """
   script = os.path.join(WORKERS, WORKER_SCRIPTS[framework])
-  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+  env[common.LAUNCHED_AT_ENV] = repr(time.time())
   busy0, child0, t0 = cpu_seconds(), _children_cpu_s(), time.perf_counter()
   with open(log_path, "w") as err:
     try:
@@ -243,9 +247,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true", help="4 layers, width 256")
   p.add_argument("--quick", action="store_true",
                  help="1 round, 2 timed training steps, 1 timed generation call")
-  p.add_argument("--only", default=",".join(WORKLOADS),
-                 help=f"comma-separated workloads (default: {','.join(WORKLOADS)}; "
-                 f"long_context stands for {','.join(ALIASES['long_context'])})")
+  p.add_argument("--only", default=",".join((*WORKLOADS, "starts")),
+                 help=f"comma-separated workloads (default: {','.join(WORKLOADS)},starts; "
+                 f"long_context stands for {','.join(ALIASES['long_context'])}; starts: "
+                 "time to first step, cold and warm, benchmarks/starts.py)")
   p.add_argument("--attention", default="auto",
                  help="jaxpost's attention for long_context: auto, dense or blockwise")
   p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
@@ -262,7 +267,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
   """The `Settings` a command line asks for."""
-  workloads = tuple(x for w in args.only.split(",") if w for x in ALIASES.get(w, (w,)))
+  asked = [x for w in args.only.split(",") if w for x in ALIASES.get(w, (w,))]
+  workloads = tuple(w for w in asked if w != "starts")
   frameworks = tuple({"torch": "pytorch"}.get(f, f) for f in args.frameworks.split(",") if f)
   for w in workloads:
     if w not in WORKLOADS:
@@ -276,7 +282,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
       rounds=args.rounds or (1 if q else 3), train_warmup=2,
       train_steps=args.steps or (2 if q else 5), gen_warmup=1, gen_steps=1 if q else 3,
       matmul_sizes=(1024, 2048) if q else (1024, 2048, 3072), matmul_reps=3 if q else 5,
-      tiny=args.tiny, quick=q, chat_conversations=16 if q else 64, chat_epochs=1 if q else 2,
+      tiny=args.tiny, quick=q, starts="starts" in asked, chat_conversations=16 if q else 64, chat_epochs=1 if q else 2,
       attention=args.attention)
 
 
@@ -318,6 +324,8 @@ def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, An
           log(f"  median {result['median_s']:.3f} s/step, compile {result['compile_s']:.1f} s, "
               f"peak RSS {result['peak_rss_mb']:,.0f} MiB")
         runs.append({"round": rnd + 1, "workload": name, "framework": fw, "result": result})
+  starts = (measure_starts(s, run_worker, pythons, log_dir, args.timeout, log) if s.starts
+            else [])
   end_ceiling = ceiling("end")
   return {"settings": dataclasses.asdict(s), "command": command, "started": started,
           "wall_s": time.perf_counter() - t0, "machine": start_ceiling.get("machine", {}),
@@ -325,7 +333,7 @@ def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, An
                                    end_ceiling["ceiling_gflop_per_s"]],
           "bandwidths_gb_per_s": [start_ceiling.get("bandwidth_gb_per_s"),
                                   end_ceiling.get("bandwidth_gb_per_s")],
-          "runs": runs, "ceiling_runs": [start_ceiling, end_ceiling]}
+          "runs": runs, "starts": starts, "ceiling_runs": [start_ceiling, end_ceiling]}
 
 
 def settings_from_json(d: dict) -> Settings:
@@ -340,9 +348,12 @@ def write_outputs(payload: dict[str, Any], out_dir: str) -> list[dict]:
   bandwidths = [b for b in payload.get("bandwidths_gb_per_s", []) if b]  # older runs: none
   rows = aggregate(s, payload["runs"], max(ceilings), max(bandwidths, default=None))
   os.makedirs(out_dir, exist_ok=True)
+  sections = (starts_section(payload["starts"], s.rounds),) if payload.get("starts") else ()
   write_results_md(os.path.join(out_dir, "RESULTS.md"), s, rows, payload["machine"], ceilings,
-                   payload["command"], payload["started"], payload["wall_s"], bandwidths)
-  write_plot(os.path.join(out_dir, "results.png"), s, rows)
+                   payload["command"], payload["started"], payload["wall_s"], bandwidths,
+                   sections)
+  if rows:
+    write_plot(os.path.join(out_dir, "results.png"), s, rows)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(dict(payload, rows=rows), f, indent=1)
     f.write("\n")

@@ -395,8 +395,9 @@ the median over rounds. Every timed step ends when its results are computed
 
 def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
                      ceilings: list[float], command: str, started: str, wall_s: float,
-                     bandwidths: list[float] | None = None) -> None:
-  """RESULTS.md: machine, software, tables, notes, failures."""
+                     bandwidths: list[float] | None = None,
+                     sections: tuple[str, ...] = ()) -> None:
+  """RESULTS.md: machine, software, tables, further `sections` (markdown), notes, failures."""
   config = jaxpost_config(s.model)
   m = s.model
   load = [100 * r["other_load"] for r in rows if "other_load" in r] or [0.0]
@@ -452,6 +453,7 @@ def write_results_md(path: str, s: Settings, rows: list[dict], machine: dict,
       *([bound_table(rows), ""] if bound_table(rows) else []),
       flops_table(rows, s), "",
       "![tokens/s per workload and framework](results.png)", "",
+      *sections,
   ]
   failed = [r for r in rows if r["errors"]]
   if failed:

@@ -153,6 +153,7 @@ class Settings:
   matmul_reps: int
   tiny: bool
   quick: bool
+  starts: bool = False  # time to first step, cold and warm (`starts.py`)
   seed: int = 0
   batch: int = 8
   seq_len: int = 256

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 
 RESULT_PREFIX = "BENCH_RESULT "
+LAUNCHED_AT_ENV = "JAXPOST_BENCH_LAUNCHED_AT"  # time.time() when run.py launched the worker
 
 # Module names of the seven projections a LoRA targets, per naming scheme.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -236,14 +238,19 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> dict[str, An
   processes share, it moves much less than the wall time.
   """
   times, cpu = [], []
-  last = None
+  last, first_done = None, None
   for i in range(warmup + steps):
     start, start_cpu = time.perf_counter(), time.process_time()
     last = step()
     times.append(time.perf_counter() - start)
     cpu.append(time.process_time() - start_cpu)
+    first_done = first_done or time.time()
     log(f"  step {i + 1}/{warmup + steps}: {times[-1]:.3f} s")
-  return dict(step_timing(times, cpu, warmup), last=last)
+  out = dict(step_timing(times, cpu, warmup), last=last)
+  launched = os.environ.get(LAUNCHED_AT_ENV)
+  if launched:  # seconds from the process's launch to the end of its first step
+    out["time_to_first_step_s"] = first_done - float(launched)
+  return out
 
 
 def step_timing(times: list[float], cpu: list[float], warmup: int) -> dict[str, Any]:

@@ -382,6 +382,11 @@ def main() -> None:
   start = time.perf_counter()
   import jax
 
+  if spec.get("compile_cache"):  # as the CLI does (benchmarks/starts.py); off by default
+    from jaxpost.compile_cache import enable_compile_cache
+
+    enable_compile_cache(spec["compile_cache"])
+
   common.log(f"jaxpost worker: {spec['workload']} on {jax.devices()[0].device_kind}")
   w = spec["workload"]
   if w in ("sft", "lora", "dpo", "distill", "sft_chat", "dpo_shared_prompt",
