@@ -1,8 +1,9 @@
 """jaxpost side by side with Tunix and PyTorch: same model shape, same data, same work.
 
-    python benchmarks/run.py                        # the full comparison (1-1.5 h, 2 cores)
+    python benchmarks/run.py                        # everything, starts included (~3 h, 2 cores)
     python benchmarks/run.py --tiny --quick         # smoke run: 4 layers, width 256, 1 round
     python benchmarks/run.py --only sft,generate    # some workloads only
+    python benchmarks/run.py --only starts          # time to first step, cold and warm
     python benchmarks/run.py --frameworks jaxpost,tunix --rounds 5
 
 It writes, into `--out-dir` (default `benchmarks/`):
