@@ -283,8 +283,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
       rounds=args.rounds or (1 if q else 3), train_warmup=2,
       train_steps=args.steps or (2 if q else 5), gen_warmup=1, gen_steps=1 if q else 3,
       matmul_sizes=(1024, 2048) if q else (1024, 2048, 3072), matmul_reps=3 if q else 5,
-      tiny=args.tiny, quick=q, starts="starts" in asked, chat_conversations=16 if q else 64, chat_epochs=1 if q else 2,
-      attention=args.attention)
+      tiny=args.tiny, quick=q, starts="starts" in asked, chat_conversations=16 if q else 64,
+      chat_epochs=1 if q else 2, attention=args.attention)
 
 
 def measure(s: Settings, args: argparse.Namespace, command: str) -> dict[str, Any]:

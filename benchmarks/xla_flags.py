@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 
-from workloads import MODEL, Settings, make_spec
+from workloads import make_spec
 
 import run
 
@@ -42,9 +42,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--timeout", type=float, default=1800.0)
   args = p.parse_args()
-  s = Settings(model=MODEL, workloads=tuple(args.only.split(",")), frameworks=("jaxpost",),
-               rounds=1, train_warmup=2, train_steps=args.steps, gen_warmup=1, gen_steps=3,
-               matmul_sizes=(1024, 2048, 3072), matmul_reps=5, tiny=False, quick=False)
+  s = run.settings_from_args(run.parse_args(["--only", args.only, "--frameworks", "jaxpost",
+                                             "--rounds", "1", "--steps", str(args.steps)]))
   log_dir = tempfile.mkdtemp(prefix="jaxpost-xla-flags-")
   lines = ["| variant | XLA_FLAGS | ceiling GFLOP/s | "
            + " | ".join(f"{w} median s | {w} last loss" for w in s.workloads) + " |",
